@@ -1,0 +1,141 @@
+"""Train and test datasets on top of a bbox dataset, their collate functions, and the builder.
+
+A bbox dataset (VOCBboxDataset or the VOC07+12 union) gives per sample image (3, H, W) float32
+RGB 0..255, bbox (R, 4) float32 x_min y_min x_max y_max 0-based, label (R,) int64 0..n_fg-1,
+difficult (R,) bool, and has class_names.
+"""
+import bisect
+from pathlib import Path
+
+import torch
+from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from data.toy import toy_dataset_dir
+from data.util import flip_bbox, normalize, resize_bbox, resize_image
+from data.voc_dataset import VOC_BBOX_LABEL_NAMES, VOCBboxDataset
+
+
+def _class_names(bbox_dataset):
+    while isinstance(bbox_dataset, Subset):  # e.g. a held-out validation part
+        bbox_dataset = bbox_dataset.dataset
+    return bbox_dataset.class_names
+
+
+class TrainDataset(Dataset):
+    """Resized, randomly flipped, normalised training samples.
+
+    Sample i: image (3, H', W') float32 normalised, bbox (R, 4) float32 in resized pixels,
+    label (R,) int64 0..n_fg-1, scale float (resized / original size).
+    The flip of sample i is drawn from (seed, epoch, i) alone, so DataLoader workers and a
+    resumed run see the same flips; call set_epoch at the start of each epoch.
+    """
+
+    def __init__(self, bbox_dataset, min_size, max_size, normalization, flip=True, seed=0):
+        normalize(torch.zeros(3, 1, 1), normalization)  # fail now on an unknown mode
+        self.bbox_dataset, self.class_names = bbox_dataset, _class_names(bbox_dataset)
+        self.min_size, self.max_size, self.normalization = min_size, max_size, normalization
+        self.flip, self.seed, self.epoch = flip, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.bbox_dataset)
+
+    def __getitem__(self, i):
+        image, bbox, label, _ = self.bbox_dataset[i]
+        in_size = image.shape[1:]
+        image, scale = resize_image(image, self.min_size, self.max_size)
+        bbox = resize_bbox(bbox, in_size, image.shape[1:])
+        # Tuples of ints hash the same in every process (no PYTHONHASHSEED salt).
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)))
+        if self.flip and torch.rand((), generator=generator) < 0.5:
+            image, bbox = image.flip(-1), flip_bbox(bbox, image.shape[1:])
+        return normalize(image, self.normalization), bbox, label, scale
+
+
+class TestDataset(Dataset):
+    """Samples at original size: image (3, H, W) RGB 0..255, bbox, label, difficult.
+    The model's predict resizes and normalises (with data.util) itself."""
+
+    def __init__(self, bbox_dataset):
+        self.bbox_dataset, self.class_names = bbox_dataset, _class_names(bbox_dataset)
+
+    def __len__(self):
+        return len(self.bbox_dataset)
+
+    def __getitem__(self, i):
+        return self.bbox_dataset[i]
+
+
+def collate_train(batch):
+    """TrainDataset samples -> dict: images (N, 3, Hmax, Wmax) zero-padded at bottom/right,
+    sizes (N, 2) int64 true (H, W), bboxes and labels lists of (R_i, 4) / (R_i,), scales (N,)."""
+    sizes = torch.tensor([image.shape[1:] for image, _, _, _ in batch], dtype=torch.int64)
+    images = batch[0][0].new_zeros(len(batch), 3, *sizes.max(0).values.tolist())
+    for k, (image, _, _, _) in enumerate(batch):
+        images[k, :, :image.shape[1], :image.shape[2]] = image
+    return dict(images=images, sizes=sizes, bboxes=[s[1] for s in batch],
+                labels=[s[2] for s in batch],
+                scales=torch.tensor([s[3] for s in batch], dtype=torch.float32))
+
+
+def collate_test(batch):
+    """TestDataset samples -> dict of lists: images, bboxes, labels, difficults."""
+    images, bboxes, labels, difficults = (list(column) for column in zip(*batch, strict=True))
+    return dict(images=images, bboxes=bboxes, labels=labels, difficults=difficults)
+
+
+class _Union(ConcatDataset):
+    """Concatenated bbox datasets with the same class_names (VOC07+12 trainval)."""
+
+    def __init__(self, datasets):
+        super().__init__(datasets)
+        self.class_names = datasets[0].class_names
+        assert all(d.class_names == self.class_names for d in datasets)
+        self.ids = [i for d in datasets for i in d.ids]
+
+    def _locate(self, i):
+        k = bisect.bisect_right(self.cumulative_sizes, i)
+        return self.datasets[k], i - (self.cumulative_sizes[k - 1] if k else 0)
+
+    def get_annotation(self, i):
+        dataset, j = self._locate(i)
+        return dataset.get_annotation(j)
+
+    def image_path(self, i):
+        dataset, j = self._locate(i)
+        return dataset.image_path(j)
+
+
+DATASETS = ('voc07', 'voc0712', 'custom', 'toy')
+
+
+def build_bbox_dataset(name, data_dir, split, class_names=None, use_difficult=False,
+                       skip_bad=False):
+    """The bbox dataset `name` (one of DATASETS) for split.
+
+    voc07: data_dir is a VOCdevkit folder holding VOC2007/, or VOC2007/ itself.
+    voc0712: data_dir is a VOCdevkit folder; split 'test' is VOC2007 test, any other split the
+    union of VOC2007 and VOC2012 (the paper's 07+12 is split 'trainval').
+    custom: a VOC-format folder (see data.voc_dataset), classes discovered unless given.
+    toy: the synthetic dataset at data_dir (None: the cached default, generated once).
+    voc07 and voc0712 have the 20 VOC classes unless class_names is given.
+    """
+    if name not in DATASETS:
+        raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(DATASETS)}')
+    if name in ('voc07', 'voc0712'):
+        class_names = class_names or VOC_BBOX_LABEL_NAMES
+    options = dict(class_names=class_names, use_difficult=use_difficult, skip_bad=skip_bad)
+    if name == 'toy' and data_dir is None:
+        data_dir = toy_dataset_dir()
+    if data_dir is None:
+        raise ValueError(f'dataset {name!r} needs a data folder (VOCdevkit or VOC-format)')
+    data_dir = Path(data_dir)
+    if name == 'voc07':
+        year_dir = data_dir / 'VOC2007'
+        return VOCBboxDataset(year_dir if year_dir.is_dir() else data_dir, split, **options)
+    if name == 'voc0712':
+        years = ('VOC2007',) if split == 'test' else ('VOC2007', 'VOC2012')
+        return _Union([VOCBboxDataset(data_dir / year, split, **options) for year in years])
+    return VOCBboxDataset(data_dir, split, **options)  # custom, toy

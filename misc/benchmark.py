@@ -1,0 +1,393 @@
+"""Speed and memory of our VGG16 Faster R-CNN side by side with torchvision's FasterRCNN.
+
+torchvision's model is configured to our design and shares our weights: the same VGG16 conv5_3
+backbone (a copy of our extractor, conv1-conv2 frozen), RPN conv and heads (its one-logit
+objectness is our fg - bg logit, so its sigmoid is our softmax), 9 anchors at stride 16, RoI
+max pooling 7x7 at 1/16, fc6 + fc7 and the box predictor, and the paper's proposal counts,
+sampling and thresholds. Inputs keep their size on both sides (no resize, no padding).
+
+The two models alternate in one process (ours, torchvision, ours, ...), so load from other
+processes hits both alike; the ratio is the median of the per-pair ratios.
+
+    python misc/benchmark.py                          # CPU, 600x800, batch 1, 5 runs
+    python misc/benchmark.py --device=cuda --amp --repeat=20 --out=bench.json
+"""
+import copy
+import ctypes
+import json
+import statistics
+import sys
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import fire
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.util import normalize  # noqa: E402
+from model.faster_rcnn_vgg16 import FEAT_STRIDE, build_faster_rcnn  # noqa: E402
+from trainer import FasterRCNNWithLosses, make_optimizer  # noqa: E402
+
+ROI_SIZE = 7
+# Our stages in pipeline order; a dotted name is part of the stage before the dot.
+STAGES = ('preprocess', 'backbone', 'rpn', 'rpn.proposals', 'anchor_targets', 'proposal_targets',
+          'head', 'head.roi_pool', 'postprocess', 'forward', 'backward', 'optimizer_step', 'total')
+# The paper's solver (trainer.make_optimizer's groups): lr, momentum, weight decay.
+SGD = dict(name='sgd', lr=1e-3, momentum=0.9, weight_decay=5e-4)
+
+
+class RoIPoolOneLevel(nn.Module):
+    """torchvision's box_roi_pool interface over one feature map, with Fast R-CNN's max pooling.
+
+    forward(features {'0': (N, C, H, W)}, proposals N x (R_i, 4) in input pixels, image_shapes)
+    -> (R, C, output_size, output_size).
+    """
+
+    def __init__(self, output_size, spatial_scale):
+        super().__init__()
+        self.output_size, self.spatial_scale = output_size, spatial_scale
+
+    def forward(self, features, proposals, image_shapes):
+        return torchvision.ops.roi_pool(features['0'], proposals, self.output_size,
+                                        self.spatial_scale)
+
+
+def torchvision_twin(ours, height, width):
+    """torchvision's FasterRCNN with our design and a copy of our weights (see module doc)."""
+    backbone = copy.deepcopy(ours.extractor)  # frozen layers stay frozen (requires_grad copied)
+    backbone.out_channels = ours.rpn.conv1.out_channels
+    n_class = ours.n_class
+    rpn_head = RPNHead(backbone.out_channels, ours.rpn.anchor_base.shape[0])
+    rpn_head.conv[0][0].load_state_dict(ours.rpn.conv1.state_dict())
+    rpn_head.bbox_pred.load_state_dict(ours.rpn.loc.state_dict())
+    with torch.no_grad():  # our score channels are (bg, fg) per anchor: sigmoid(fg - bg)
+        rpn_head.cls_logits.weight.copy_(ours.rpn.score.weight[1::2] - ours.rpn.score.weight[::2])
+        rpn_head.cls_logits.bias.copy_(ours.rpn.score.bias[1::2] - ours.rpn.score.bias[::2])
+    predictor = FastRCNNPredictor(ours.head.score.in_features, n_class)
+    predictor.cls_score.load_state_dict(ours.head.score.state_dict())
+    predictor.bbox_pred.load_state_dict(ours.head.cls_loc.state_dict())
+    proposals = ours.rpn.proposal_layer
+    anchor_sizes = tuple(FEAT_STRIDE * s for s in (8, 16, 32))  # our anchor_scales
+    model = TorchvisionFasterRCNN(
+        backbone, min_size=min(height, width), max_size=max(height, width),  # scale 1
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],  # 'torchvision'
+        size_divisible=1,  # no padding to multiples of 32: the same feature map as ours
+        rpn_anchor_generator=AnchorGenerator((anchor_sizes,), ((0.5, 1.0, 2.0),)),
+        rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=proposals.n_train_pre_nms,
+        rpn_post_nms_top_n_train=proposals.n_train_post_nms,
+        rpn_pre_nms_top_n_test=proposals.n_test_pre_nms,
+        rpn_post_nms_top_n_test=proposals.n_test_post_nms, rpn_nms_thresh=proposals.nms_thresh,
+        rpn_fg_iou_thresh=0.7, rpn_bg_iou_thresh=0.3, rpn_batch_size_per_image=256,
+        rpn_positive_fraction=0.5,
+        box_head=nn.Sequential(nn.Flatten(), copy.deepcopy(ours.head.classifier)),
+        box_predictor=predictor, box_score_thresh=0.05, box_nms_thresh=0.3,
+        box_detections_per_img=100, box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5,
+        box_batch_size_per_image=128, box_positive_fraction=0.25,
+        bbox_reg_weights=tuple(1 / s for s in ours.loc_normalize_std.tolist()))
+    # The constructor accepts only MultiScaleRoIAlign and fixes the RPN's min size at 1e-3 px.
+    model.roi_heads.box_roi_pool = RoIPoolOneLevel(ROI_SIZE, 1 / FEAT_STRIDE)
+    model.rpn.min_size = proposals.min_size
+    return model
+
+
+def synthetic_batch(batch_size, height, width, n_fg_class, seed):
+    """Random 0..255 RGB images (N, 3, H, W) and 3 gt boxes per image with labels 0..n_fg-1."""
+    images = torch.rand(batch_size, 3, height, width,
+                        generator=torch.Generator().manual_seed(seed)) * 255
+    fractions = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.3, 0.2, 0.9, 0.8], [0.55, 0.5, 0.95, 0.95]])
+    bbox = fractions * torch.tensor([width, height, width, height])  # (3, 4) xyxy pixels
+    label = torch.arange(3) % n_fg_class
+    return images, [bbox.clone() for _ in range(batch_size)], [label] * batch_size
+
+
+class StageClock:
+    """Wall time of chosen calls, summed per stage name: explicit perf_counter, no profiler.
+
+    ``wrap`` shadows a method or callable attribute on one object with a timed one (for a module,
+    its ``forward``); ``restore`` undoes every wrap.
+    """
+
+    def __init__(self, sync):
+        self.sync, self.ms, self._wrapped = sync, defaultdict(float), []
+
+    @contextmanager
+    def stage(self, name):
+        self.sync()
+        start = time.perf_counter()
+        yield
+        self.sync()
+        self.ms[name] += (time.perf_counter() - start) * 1e3
+
+    def wrap(self, name, owner, attr):
+        original = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            with self.stage(name):
+                return original(*args, **kwargs)
+
+        self._wrapped.append((owner, attr, vars(owner).get(attr)))
+        setattr(owner, attr, timed)
+
+    def restore(self):
+        for owner, attr, own_value in reversed(self._wrapped):
+            if own_value is None:
+                delattr(owner, attr)  # the class's method shows through again
+            else:
+                setattr(owner, attr, own_value)
+        self._wrapped = []
+
+
+def release_freed_memory():
+    """Hands freed heap pages back to the OS (glibc), so RSS before a run is not inflated."""
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextmanager
+def peak_memory(device):
+    """Yields a dict whose 'mb' is, after the block, the block's peak memory growth in MiB.
+
+    CUDA: max_memory_allocated after reset_peak_memory_stats, minus the allocation before.
+    CPU: resident set size sampled every 2 ms by a thread (psutil), peak minus the RSS before;
+    None without psutil.
+    """
+    result = {'mb': None}
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result['mb'] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        return
+    try:
+        import psutil
+    except ImportError:
+        yield result
+        return
+    release_freed_memory()
+    process, done = psutil.Process(), threading.Event()
+    before = peak = process.memory_info().rss
+
+    def sample():
+        nonlocal peak
+        while not done.wait(0.002):
+            peak = max(peak, process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join()
+    result['mb'] = (max(peak, process.memory_info().rss) - before) / 2**20
+
+
+def summary(values):
+    return {'median': statistics.median(values), 'min': min(values), 'max': max(values)}
+
+
+def race(steps, repeat, warmup, device, sync):
+    """Runs the steps (name -> callable) in turn, warm-up rounds first.
+
+    Returns per step its summary of milliseconds, its per-run times and its peak memory in MiB
+    (the largest over the runs, None where it cannot be measured).
+    """
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times, memory = defaultdict(list), defaultdict(list)
+    for _ in range(repeat):
+        for name, step in steps.items():
+            with peak_memory(device) as mem:
+                sync()
+                start = time.perf_counter()
+                step()
+                sync()
+                times[name].append((time.perf_counter() - start) * 1e3)
+            memory[name].append(mem['mb'])
+    return {name: {**summary(times[name]), 'runs': times[name],
+                   'peak_mb': None if None in memory[name] else max(memory[name])}
+            for name in steps}
+
+
+def breakdown(step, instrument, repeat, sync):
+    """Median milliseconds per stage over ``repeat`` runs of ``step``, stages timed by a
+    StageClock that ``instrument(clock)`` wires in; 'total' is the whole step."""
+    runs = defaultdict(list)
+    for _ in range(repeat):
+        clock = StageClock(sync)
+        instrument(clock)
+        try:
+            with clock.stage('total'):
+                step(clock)
+        finally:
+            clock.restore()
+        for name, ms in clock.ms.items():
+            runs[name].append(ms)
+    return {name: statistics.median(runs[name]) for name in STAGES if name in runs}
+
+
+def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, device='cpu',
+                  amp=False, n_class=20, seed=0, threads=None):
+    """Times both models and breaks ours down; returns the result as a JSON-ready dict."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
+    amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp else nullcontext()
+
+    torch.manual_seed(seed)
+    ours = build_faster_rcnn(n_class, 'vgg16', min_size=min(height, width),
+                             max_size=max(height, width)).to(device)
+    theirs = torchvision_twin(ours, height, width).to(device)
+    images, bboxes, labels = synthetic_batch(batch_size, height, width, n_class, seed)
+    images, bboxes, labels = (images.to(device), [b.to(device) for b in bboxes],
+                              [lab.to(device) for lab in labels])
+    image_list = list(images)  # predict takes original RGB 0..255 images
+    unit_images = [img / 255 for img in images]  # torchvision detection takes 0..1 images
+    sizes, scales = [(height, width)] * batch_size, [1.0] * batch_size
+    targets = [{'boxes': b, 'labels': lab + 1} for b, lab in zip(bboxes, labels)]  # 0 = bg
+    ours_net = FasterRCNNWithLosses(ours)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ours_optimizer, theirs_optimizer = (make_optimizer(m, **SGD) for m in (ours, theirs))
+
+    def ours_inference(clock=None):
+        with autocast():
+            ours.predict(image_list)
+
+    @torch.no_grad()
+    def theirs_inference():
+        theirs.eval()
+        with autocast():
+            theirs(unit_images)
+
+    def ours_train(clock=None):
+        clock = clock or StageClock(lambda: None)
+        ours.train()
+        ours_optimizer.zero_grad(set_to_none=True)
+        with clock.stage('forward'), autocast():
+            losses = ours_net(normalize(images, ours.normalization), sizes, scales, bboxes,
+                              labels, generator)
+        with clock.stage('backward'):
+            losses['total_loss'].backward()
+        with clock.stage('optimizer_step'):
+            ours_optimizer.step()
+
+    def theirs_train():
+        theirs.train()
+        theirs_optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            total = sum(theirs(unit_images, targets).values())
+        total.backward()
+        theirs_optimizer.step()
+
+    def instrument_model(clock):
+        for name, owner, attr in (
+                ('backbone', ours.extractor, 'forward'), ('rpn', ours.rpn, 'forward'),
+                ('rpn.proposals', ours.rpn, 'proposal_layer'), ('head', ours.head, 'forward'),
+                ('head.roi_pool', ours.head.roi, 'forward'),
+                ('preprocess', ours, 'preprocess'), ('postprocess', ours, '_postprocess'),
+                ('anchor_targets', ours_net, 'anchor_target_creator'),
+                ('proposal_targets', ours_net, 'proposal_target_creator')):
+            clock.wrap(name, owner, attr)
+
+    # Inference first: training steps change the weights.
+    inference = race({'ours': ours_inference, 'torchvision': theirs_inference},
+                     repeat, warmup, device, sync)
+    inference_stages = breakdown(ours_inference, instrument_model, repeat, sync)
+    train = race({'ours': ours_train, 'torchvision': theirs_train}, repeat, warmup, device, sync)
+    train_stages = breakdown(ours_train, instrument_model, repeat, sync)
+
+    def side_by_side(timings):
+        ratios = [a / b for a, b in zip(timings['ours']['runs'], timings['torchvision']['runs'])]
+        out = {'ratio': statistics.median(ratios)}
+        for name in ('ours', 'torchvision'):
+            t = timings[name]
+            out.update({f'{name}_ms': t['median'], f'{name}_min_ms': t['min'],
+                        f'{name}_max_ms': t['max'], f'{name}_peak_mb': t['peak_mb'],
+                        f'{name}_runs_ms': t['runs']})
+        return out
+
+    stages = inference_stages
+    fc_and_convs = stages['backbone'] + stages['head'] - stages['head.roi_pool']
+    return {
+        'device': str(device),
+        'inference': side_by_side(inference),
+        'train': side_by_side(train),
+        'breakdown': {
+            'inference': inference_stages, 'train': train_stages,
+            # the goal: everything but the backbone convolutions and the head's fc layers
+            'inference_outside_backbone_and_fc': 1 - fc_and_convs / stages['total'],
+        },
+        'memory': ('CUDA: max_memory_allocated growth' if device.type == 'cuda' else
+                   'CPU: peak RSS growth, sampled every 2 ms (psutil), largest over the runs'),
+        'settings': dict(height=height, width=width, batch_size=batch_size, repeat=repeat,
+                         warmup=warmup, amp=amp, n_class=n_class, seed=seed,
+                         threads=torch.get_num_threads()),
+        'torch': torch.__version__, 'torchvision': torchvision.__version__,
+    }
+
+
+def _mb(value):
+    return 'n/a' if value is None else f'{value:.0f}'
+
+
+def markdown(result):
+    """The result as two markdown tables: ours vs torchvision, and our stages."""
+    s = result['settings']
+    lines = [f"{s['batch_size']} x {s['height']}x{s['width']} on {result['device']}, "
+             f"amp={s['amp']}, {s['threads']} threads, median [min-max] of {s['repeat']} runs",
+             '',
+             '| step | ours ms | torchvision ms | ours / torchvision | ours peak MiB '
+             '| torchvision peak MiB |',
+             '|---|---|---|---|---|---|']
+    for key, label in (('inference', 'inference'), ('train', 'train step')):
+        r = result[key]
+        lines.append(
+            f"| {label} | {r['ours_ms']:.0f} [{r['ours_min_ms']:.0f}-{r['ours_max_ms']:.0f}] "
+            f"| {r['torchvision_ms']:.0f} [{r['torchvision_min_ms']:.0f}-"
+            f"{r['torchvision_max_ms']:.0f}] | {r['ratio']:.2f} | {_mb(r['ours_peak_mb'])} "
+            f"| {_mb(r['torchvision_peak_mb'])} |")
+    lines += ['', f"Peak memory: {result['memory']}.", '',
+              '| our stage (median ms) | inference | train step |', '|---|---|---|']
+    inference, train = result['breakdown']['inference'], result['breakdown']['train']
+    for name in (name for name in STAGES if name in inference or name in train):
+        cells = [f'{d[name]:.1f}' if name in d else '' for d in (inference, train)]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    share = result['breakdown']['inference_outside_backbone_and_fc']
+    lines += ['', f'Inference time outside the backbone convolutions and the head fc layers: '
+              f'{share:.1%}']
+    return '\n'.join(lines)
+
+
+def main(height=600, width=800, batch_size=1, repeat=5, warmup=1, device='cpu', amp=False,
+         n_class=20, out=None, seed=0, threads=None):
+    """Prints the markdown tables; ``out``: also write the result as JSON to this file."""
+    if repeat < 1 or warmup < 0:
+        raise ValueError(f'repeat must be >= 1 and warmup >= 0, got {repeat} and {warmup}')
+    result = run_benchmark(height, width, batch_size, repeat, warmup, device, amp, n_class,
+                           seed, threads)
+    print(markdown(result))
+    if out is not None:
+        Path(out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == '__main__':
+    fire.Fire(main)

@@ -1,0 +1,82 @@
+"""The one place that picks the backend of NMS and RoI pooling, and the CuPy plumbing.
+
+Backends: 'cupy' runs our CUDA kernels (model/utils/nms, model/roi_module.py) through CuPy;
+'torchvision' uses torchvision.ops; 'auto' takes CuPy for CUDA tensors when CuPy imports and
+can launch a kernel on that device, torchvision.ops otherwise. CuPy is optional: nothing here
+imports it until a CUDA tensor asks for it.
+"""
+import functools
+import warnings
+
+import torch
+
+BACKENDS = ('auto', 'cupy', 'torchvision')
+
+
+@functools.cache
+def _cupy_error(device_index):
+    """None if CuPy imports, compiles and launches a kernel on cuda:device_index, else why not."""
+    try:
+        import cupy
+        with cupy.cuda.Device(device_index):
+            cupy.RawKernel('extern "C" __global__ void probe() {}', 'probe')((1,), (1,), ())
+    except Exception as error:  # ImportError, no driver, no NVRTC, ...: use torchvision.ops
+        return f'{type(error).__name__}: {error}'
+    return None
+
+
+def use_cupy(tensor, backend='auto'):
+    """True if the op on `tensor` should run our CuPy kernels, False for torchvision.ops.
+
+    backend: 'auto' | 'cupy' | 'torchvision'. Forcing 'cupy' where it cannot run raises.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+    if backend == 'torchvision':
+        return False
+    if not tensor.is_cuda:
+        if backend == 'cupy':
+            raise ValueError("backend='cupy' needs a CUDA tensor and CuPy (pip install -r "
+                             f"requirements-gpu.txt); got a {tensor.device.type} tensor")
+        return False
+    error = _cupy_error(tensor.device.index)
+    if error is not None and backend == 'cupy':
+        raise RuntimeError("backend='cupy' needs CuPy working on the tensor's device (pip "
+                           f'install -r requirements-gpu.txt); CuPy failed with {error}')
+    if error is not None and not error.startswith(('ImportError', 'ModuleNotFoundError')):
+        warnings.warn(f'CuPy is installed but failed ({error}); using torchvision.ops instead',
+                      stacklevel=2)
+    return error is None
+
+
+@functools.cache
+def compile_kernel(source, name, dtype=torch.float32):
+    """The kernel `name` of CUDA `source`, compiled once with scalar_t = float or double.
+
+    Compiled without FMA contraction so that every multiply and add rounds as on the CPU,
+    which keeps box arithmetic bit-identical to torchvision's CPU ops.
+    """
+    import cupy
+    scalar = {torch.float32: 'float', torch.float64: 'double'}[dtype]
+    return cupy.RawKernel(f'typedef {scalar} scalar_t;\n{source}', name, options=('--fmad=false',))
+
+
+def launch(kernel, grid, block, args, shared_mem=0):
+    """Launch `kernel` on torch's current CUDA stream of the tensors' device.
+
+    args: contiguous CUDA tensors (passed as device pointers, no copy), Python ints (C int)
+    and floats (C double).
+    """
+    import cupy
+    device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
+    stream = torch.cuda.current_stream(device)
+    if hasattr(cupy.cuda.Stream, 'from_external') and hasattr(stream, '__cuda_stream__'):
+        cupy_stream = cupy.cuda.Stream.from_external(stream)  # CuPy >= 14
+    else:  # CuPy 13, or a torch stream without the CUDA stream protocol
+        cupy_stream = cupy.cuda.ExternalStream(stream.cuda_stream, device.index)
+    to_c = {int: cupy.int32, float: cupy.float64}
+    assert all(arg.is_contiguous() for arg in args if isinstance(arg, torch.Tensor))
+    with cupy.cuda.Device(device.index), cupy_stream:
+        args = tuple(cupy.from_dlpack(arg.detach()) if isinstance(arg, torch.Tensor)
+                     else to_c[type(arg)](arg) for arg in args)
+        kernel(grid, block, args, shared_mem=shared_mem)

@@ -1,0 +1,138 @@
+"""Box math: anchors, the box encoding (dx, dy, dw, dh) and IoU.
+
+Boxes are (R, 4) float tensors, (x_min, y_min, x_max, y_max) in continuous pixel coordinates;
+a box's width is x_max - x_min and its centre x_min + width / 2 (no +1 anywhere).
+Every function is pure and keeps its inputs' device; outputs take the inputs' dtype.
+"""
+
+import math
+
+import torch
+
+# exp(dw) is capped at 1000 / 16: a box may grow from a 16 px anchor to at most 1000 px, so a
+# wild regression early in training cannot overflow to inf (detectron's bbox_xform_clip).
+LOC_CLAMP = math.log(1000.0 / 16)
+
+
+def generate_anchor_base(base_size=16, ratios=(0.5, 1, 2), anchor_scales=(8, 16, 32)):
+    """The A = len(ratios) * len(anchor_scales) anchors of one feature-map location.
+
+    An anchor of ratio r = h / w and scale s has area (base_size * s) ** 2:
+    h = base_size * s * sqrt(r), w = base_size * s / sqrt(r), centred on
+    (base_size / 2, base_size / 2). Order: for ratio in ratios: for scale in anchor_scales.
+
+    Returns:
+        (A, 4) float32 on the CPU, x_min y_min x_max y_max relative to the location's corner.
+    """
+    ratio = torch.tensor(ratios, dtype=torch.float64)[:, None]  # (n_ratios, 1)
+    scale = torch.tensor(anchor_scales, dtype=torch.float64)[None, :]  # (1, n_scales)
+    h = (base_size * scale * ratio.sqrt()).reshape(-1)  # (A,), ratio-major
+    w = (base_size * scale / ratio.sqrt()).reshape(-1)  # (A,)
+    ctr = base_size / 2.0
+    anchor = torch.stack([ctr - w / 2, ctr - h / 2, ctr + w / 2, ctr + h / 2], dim=1)  # (A, 4)
+    return anchor.float()
+
+
+def enumerate_shifted_anchors(anchor_base, feat_stride, height, width):
+    """Tile the base anchors over a height x width feature map with stride feat_stride.
+
+    Args:
+        anchor_base: (A, 4) from generate_anchor_base.
+        feat_stride: input pixels per feature-map cell (16 for VGG16 conv5_3).
+        height, width: feature-map size.
+
+    Returns:
+        (height * width * A, 4) in input pixels, ordered by location (y, then x), then anchor:
+        the order of a conv output (N, A * 4, H, W).permute(0, 2, 3, 1).reshape(N, -1, 4).
+    """
+    device, dtype = anchor_base.device, anchor_base.dtype
+    shift_y = torch.arange(height, device=device, dtype=dtype) * feat_stride  # (H,)
+    shift_x = torch.arange(width, device=device, dtype=dtype) * feat_stride  # (W,)
+    shift_y, shift_x = torch.meshgrid(shift_y, shift_x, indexing='ij')  # (H, W) each
+    shift = torch.stack([shift_x, shift_y, shift_x, shift_y], dim=-1)  # (H, W, 4)
+    shift = shift.reshape(-1, 1, 4)  # (H*W, 1, 4)
+    return (shift + anchor_base[None]).reshape(-1, 4)  # (H*W*A, 4)
+
+
+def _centre_size(bbox):
+    """(R, 4) corners -> centre x, centre y, width, height, each (R,)."""
+    w = bbox[:, 2] - bbox[:, 0]
+    h = bbox[:, 3] - bbox[:, 1]
+    return bbox[:, 0] + 0.5 * w, bbox[:, 1] + 0.5 * h, w, h
+
+
+def bbox2loc(src_bbox, dst_bbox):
+    """Encode dst_bbox relative to src_bbox, as in the Faster R-CNN paper (eq. 2).
+
+    dx = (ctr_x_dst - ctr_x_src) / w_src, dy likewise with heights,
+    dw = log(w_dst / w_src), dh = log(h_dst / h_src).
+
+    Args:
+        src_bbox, dst_bbox: (R, 4) boxes, row i of one paired with row i of the other.
+
+    Returns:
+        (R, 4) loc = (dx, dy, dw, dh). Widths and heights are floored at the dtype's eps, so a
+        degenerate box gives a large but finite loc instead of inf or NaN.
+    """
+    eps = torch.finfo(src_bbox.dtype).eps
+    src_x, src_y, src_w, src_h = _centre_size(src_bbox)
+    dst_x, dst_y, dst_w, dst_h = _centre_size(dst_bbox)
+    src_w, src_h = src_w.clamp(min=eps), src_h.clamp(min=eps)
+    dst_w, dst_h = dst_w.clamp(min=eps), dst_h.clamp(min=eps)
+    dx = (dst_x - src_x) / src_w
+    dy = (dst_y - src_y) / src_h
+    return torch.stack([dx, dy, (dst_w / src_w).log(), (dst_h / src_h).log()], dim=1)
+
+
+def loc2bbox(src_bbox, loc):
+    """Decode loc (dx, dy, dw, dh) relative to src_bbox: the inverse of bbox2loc.
+
+    Args:
+        src_bbox: (R, 4) boxes.
+        loc: (R, 4) offsets; dw and dh are clamped at LOC_CLAMP = log(1000 / 16).
+
+    Returns:
+        (R, 4) decoded boxes.
+    """
+    src_x, src_y, src_w, src_h = _centre_size(src_bbox)
+    dx, dy, dw, dh = loc.unbind(dim=1)
+    ctr_x = src_x + dx * src_w
+    ctr_y = src_y + dy * src_h
+    w = src_w * dw.clamp(max=LOC_CLAMP).exp()
+    h = src_h * dh.clamp(max=LOC_CLAMP).exp()
+    return torch.stack([ctr_x - 0.5 * w, ctr_y - 0.5 * h, ctr_x + 0.5 * w, ctr_y + 0.5 * h], dim=1)
+
+
+def clip_bbox(bbox, img_size):
+    """Clip boxes to the image: x to [0, W], y to [0, H].
+
+    Args:
+        bbox: (R, 4) boxes.
+        img_size: (H, W) of the image.
+
+    Returns:
+        (R, 4) clipped boxes, a new tensor.
+    """
+    img_h, img_w = img_size
+    x = bbox[:, 0::2].clamp(0, img_w)  # (R, 2) x_min, x_max
+    y = bbox[:, 1::2].clamp(0, img_h)  # (R, 2) y_min, y_max
+    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
+
+
+def bbox_iou(bbox_a, bbox_b):
+    """Intersection over union of every box in bbox_a with every box in bbox_b.
+
+    Args:
+        bbox_a: (N, 4) boxes.
+        bbox_b: (K, 4) boxes.
+
+    Returns:
+        (N, K) IoU in [0, 1]; 0 (not NaN) for a pair of zero-area boxes.
+    """
+    top_left = torch.maximum(bbox_a[:, None, :2], bbox_b[None, :, :2])  # (N, K, 2)
+    bottom_right = torch.minimum(bbox_a[:, None, 2:], bbox_b[None, :, 2:])  # (N, K, 2)
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)  # (N, K)
+    area_a = (bbox_a[:, 2:] - bbox_a[:, :2]).prod(dim=1)  # (N,)
+    area_b = (bbox_b[:, 2:] - bbox_b[:, :2]).prod(dim=1)  # (K,)
+    union = area_a[:, None] + area_b[None, :] - inter  # (N, K)
+    return inter / union.clamp(min=torch.finfo(union.dtype).eps)

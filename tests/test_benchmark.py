@@ -1,0 +1,80 @@
+import json
+
+import torch
+
+from data.util import normalize
+from misc.benchmark import STAGES, StageClock, main, synthetic_batch, torchvision_twin
+from model.faster_rcnn_vgg16 import build_faster_rcnn
+
+
+def test_smoke_tiny_images(tmp_path, capsys):
+    # 64x96 gives a 4x6 feature map: few or no proposals survive the 16 px filter, which both
+    # models must survive too.
+    out = tmp_path / 'b.json'
+    main(height=64, width=96, repeat=1, warmup=0, n_class=2, out=str(out), threads=2)
+    result = json.loads(out.read_text())
+    assert result['device'] == 'cpu'
+    for step in ('inference', 'train'):
+        for key in ('ours_ms', 'torchvision_ms', 'ratio'):
+            assert isinstance(result[step][key], float) and result[step][key] > 0
+    inference, train = result['breakdown']['inference'], result['breakdown']['train']
+    assert {'preprocess', 'backbone', 'rpn', 'rpn.proposals', 'head', 'head.roi_pool',
+            'postprocess', 'total'} <= set(inference)
+    assert {'anchor_targets', 'proposal_targets', 'backward', 'optimizer_step'} <= set(train)
+    assert set(inference) | set(train) <= set(STAGES)
+    # Stages run one after another inside the whole, and parts inside their stage.
+    assert inference['backbone'] + inference['rpn'] + inference['head'] < inference['total']
+    assert inference['rpn.proposals'] < inference['rpn']
+    assert train['forward'] + train['backward'] + train['optimizer_step'] <= train['total']
+    assert result['settings']['height'] == 64 and result['settings']['repeat'] == 1
+    printed = capsys.readouterr().out
+    assert '| inference |' in printed and '| train step |' in printed
+
+
+def test_torchvision_twin_matches_our_weights_and_sizes():
+    torch.manual_seed(0)
+    ours = build_faster_rcnn(3, 'vgg16', min_size=64, max_size=96)
+    theirs = torchvision_twin(ours, 64, 96).eval()
+    images, bboxes, labels = synthetic_batch(1, 64, 96, 3, seed=0)
+    image_list, _ = theirs.transform([images[0] / 255])
+    assert image_list.tensors.shape == (1, 3, 64, 96)  # no resize, no padding
+    torch.testing.assert_close(image_list.tensors, normalize(images, 'torchvision'))
+    with torch.no_grad():
+        features = ours.extractor(image_list.tensors)
+        torch.testing.assert_close(theirs.backbone(image_list.tensors), features)
+        # their one-logit objectness is our fg - bg logit, so sigmoid == our softmax
+        hidden = torch.relu(ours.rpn.conv1(features))
+        ours_fg = ours.rpn.score(hidden).unflatten(1, (-1, 2)).softmax(dim=2)[:, :, 1]
+        theirs_fg = theirs.rpn.head([features])[0][0].sigmoid()
+        torch.testing.assert_close(theirs_fg, ours_fg)
+    frozen = [name for name, p in theirs.backbone.named_parameters() if not p.requires_grad]
+    assert frozen == [name for name, p in ours.extractor.named_parameters()
+                      if not p.requires_grad] and len(frozen) == 8  # conv1_1..conv2_2
+    assert theirs.rpn.min_size == 16
+    assert bboxes[0].shape == (3, 4) and labels[0].tolist() == [0, 1, 2]
+
+
+def test_stage_clock_times_and_restores():
+    class Adder:
+        def __call__(self, x):
+            return x + 1
+
+    class Owner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.adder = Adder()
+
+        def forward(self, x):
+            return self.adder(x) * 2
+
+    owner = Owner()
+    adder = owner.adder
+    clock = StageClock(lambda: None)
+    clock.wrap('forward', owner, 'forward')
+    clock.wrap('adder', owner, 'adder')
+    assert owner(torch.tensor(1.0)) == 4 and owner(torch.tensor(2.0)) == 6
+    assert set(clock.ms) == {'forward', 'adder'} and clock.ms['adder'] <= clock.ms['forward']
+    clock.restore()
+    assert owner.adder is adder and 'forward' not in vars(owner)
+    before = dict(clock.ms)
+    assert owner(torch.tensor(1.0)) == 4 and clock.ms == before

@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from model.faster_rcnn_vgg16 import build_faster_rcnn, vgg16_parts
+from trainer import FasterRCNNWithLosses
+
+SIZES = [(256, 320), (224, 288)]
+
+
+def small_model(n_fg_class=3, seed=0):
+    torch.manual_seed(seed)
+    return build_faster_rcnn(n_fg_class, 'small', anchor_scales=(2, 4, 8), min_size=256,
+                             max_size=400)
+
+
+def targets(n):
+    bboxes = [torch.tensor([[10., 20, 80, 100], [100, 100, 200, 180]]),
+              torch.tensor([[30., 40, 150, 120]])][:n]
+    labels = [torch.tensor([0, 2]), torch.tensor([1])][:n]
+    return bboxes, labels
+
+
+def losses_of(model, n, bboxes=None, labels=None, seed=0):
+    torch.manual_seed(seed)
+    images = torch.randn(n, 3, 256, 320)
+    if bboxes is None:
+        bboxes, labels = targets(n)
+    net = FasterRCNNWithLosses(model)
+    losses = net(images, SIZES[:n], [1.0] * n, bboxes, labels, torch.Generator().manual_seed(7))
+    losses['total_loss'].backward()
+    return {k: v.detach() for k, v in losses.items()}
+
+
+@pytest.mark.parametrize('n', [1, 2])
+def test_forward_backward_on_cpu(n):
+    model = small_model()
+    losses = losses_of(model, n)
+    assert set(losses) == {'rpn_loc_loss', 'rpn_cls_loss', 'roi_loc_loss', 'roi_cls_loss',
+                           'total_loss'}
+    for value in losses.values():
+        assert value.dtype == torch.float32 and value.ndim == 0 and torch.isfinite(value)
+    # Cross entropy of a fresh head is near log(C): 2 RPN classes, 4 head classes.
+    assert abs(float(losses['rpn_cls_loss']) - 0.693) < 0.05
+    assert abs(float(losses['roi_cls_loss']) - 1.386) < 0.2
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_image_without_objects_trains_on_negatives_only():
+    model = small_model()
+    empty = [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.int64)]
+    losses = losses_of(model, 1, *empty)
+    assert float(losses['rpn_loc_loss']) == 0 and float(losses['roi_loc_loss']) == 0
+    assert float(losses['rpn_cls_loss']) > 0 and float(losses['roi_cls_loss']) > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_same_seed_same_losses():
+    first = losses_of(small_model(seed=1), 2)
+    second = losses_of(small_model(seed=1), 2)
+    for k in first:
+        assert torch.equal(first[k], second[k]), k
+
+
+def test_predict_boxes_in_original_pixels_and_no_state_change():
+    model = small_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = [torch.rand(3, 200, 300) * 255, torch.rand(3, 150, 100) * 255]
+    bboxes, labels, scores = model.predict(images, score_thresh=0.0)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BatchNorm statistics included
+    for img, bbox, label, score in zip(images, bboxes, labels, scores):
+        h, w = img.shape[1:]
+        assert len(bbox) == len(label) == len(score) <= 100
+        assert (bbox[:, 0] >= 0).all() and (bbox[:, 2] <= w).all() and (bbox[:, 3] <= h).all()
+        assert ((label >= 0) & (label < 3)).all() and label.dtype == torch.int64
+        assert (score[:-1] >= score[1:]).all() and (score > 0).all()
+
+
+def test_predict_padded_batch_equals_list():
+    model = small_model()
+    images = [torch.rand(3, 200, 300) * 255, torch.rand(3, 150, 100) * 255]
+    batch = torch.zeros(2, 3, 200, 300)
+    batch[0], batch[1, :, :150, :100] = images[0], images[1]
+    from_list = model.predict(images, score_thresh=0.0)
+    from_batch = model.predict(batch, sizes=[(200, 300), (150, 100)], score_thresh=0.0)
+    for a, b in zip(from_list, from_batch):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y)
+
+
+def test_class_count_mismatch_names_both_numbers():
+    state = small_model(n_fg_class=20).state_dict()
+    with pytest.raises(ValueError, match='weights are for 20 classes, the model has 3'):
+        small_model(n_fg_class=3).load_state_dict(state)
+
+
+def test_vgg16_weights_load_and_first_convs_are_frozen(tmp_path):
+    import torchvision
+    reference = torchvision.models.vgg16(weights=None).state_dict()
+    torch.save(reference, tmp_path / 'vgg16.pth')
+    extractor, classifier, _, _ = vgg16_parts(tmp_path / 'vgg16.pth')
+    assert torch.equal(extractor[28].weight, reference['features.28.weight'])  # conv5_3
+    assert torch.equal(classifier[2].weight, reference['classifier.3.weight'])  # fc7
+    frozen = [p.requires_grad for layer in list(extractor)[:10] for p in layer.parameters()]
+    assert frozen and not any(frozen)  # conv1_1 .. conv2_2
+    assert all(p.requires_grad for layer in list(extractor)[10:] for p in layer.parameters())
+    del reference['features.28.weight']
+    torch.save(reference, tmp_path / 'broken.pth')
+    with pytest.raises(ValueError, match='broken.pth is not a VGG16 state dict: missing'):
+        vgg16_parts(tmp_path / 'broken.pth')

@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.util import (
+    DataError,
+    denormalize,
+    flip_bbox,
+    normalize,
+    read_image,
+    resize_bbox,
+    resize_image,
+)
+
+RGB = np.array([[[10, 20, 30], [40, 50, 60]]], dtype=np.uint8)  # (H=1, W=2, 3)
+
+
+def _save(tmp_path, name, img):
+    path = tmp_path / name
+    img.save(path)
+    return path
+
+
+def test_read_rgb_png_exact(tmp_path):
+    image = read_image(_save(tmp_path, 'a.png', Image.fromarray(RGB)))
+    assert image.dtype == torch.float32 and image.shape == (3, 1, 2)
+    assert image[:, 0, 1].tolist() == [40, 50, 60]
+
+
+@pytest.mark.parametrize('mode, expected', [
+    ('L', [[77, 77, 77], [200, 200, 200]]),
+    ('RGBA', [[10, 20, 30], [40, 50, 60]]),  # alpha dropped
+    ('LA', [[77, 77, 77], [200, 200, 200]]),
+    ('P', [[10, 20, 30], [40, 50, 60]]),
+])
+def test_read_modes_to_rgb(tmp_path, mode, expected):
+    if mode in ('L', 'LA'):
+        img = Image.fromarray(np.array([[77, 200]], dtype=np.uint8)).convert(mode)
+    elif mode == 'RGBA':
+        img = Image.fromarray(np.dstack([RGB, np.full((1, 2, 1), 128, np.uint8)]))
+    else:
+        img = Image.fromarray(RGB).quantize(colors=4)  # 2 colours: the palette is exact
+    image = read_image(_save(tmp_path, f'{mode}.png', img))
+    assert image.shape == (3, 1, 2)
+    assert image[:, 0].T.tolist() == expected
+
+
+def test_read_16_bit_scales_to_255(tmp_path):
+    img = Image.fromarray(np.array([[0, 65535, 257 * 100]], dtype=np.uint16))
+    assert img.mode.startswith('I;16')
+    image = read_image(_save(tmp_path, 'g16.png', img))
+    assert image.shape == (3, 1, 3)
+    assert image[:, 0].T.tolist() == [[0] * 3, [255] * 3, [100] * 3]
+
+
+def test_read_cmyk_jpeg(tmp_path):
+    path = _save(tmp_path, 'c.jpg', Image.new('CMYK', (4, 3), (0, 255, 255, 0)))  # red
+    image = read_image(path)
+    assert image.shape == (3, 3, 4)
+    assert (image[0] > 240).all() and (image[1:] < 15).all()
+
+
+def test_read_does_not_apply_exif_rotation(tmp_path):
+    img = Image.new('RGB', (5, 2))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    img.save(tmp_path / 'r.jpg', exif=exif)
+    assert read_image(tmp_path / 'r.jpg').shape == (3, 2, 5)
+
+
+@pytest.mark.parametrize('content', [None, b'', b'not an image', b'\xff\xd8\xff\xe0' + b'0' * 50])
+def test_read_bad_file_names_it(tmp_path, content):
+    path = tmp_path / 'bad.jpg'
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match='bad.jpg'):
+        read_image(path)
+
+
+def test_read_truncated_jpeg(tmp_path):
+    path = _save(tmp_path, 't.jpg', Image.fromarray(
+        np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ValueError, match='t.jpg'):
+        read_image(path)
+
+
+@pytest.mark.parametrize('height, width, size, scale', [
+    (300, 400, (600, 800), 2.0),  # short side reaches min_size
+    (500, 500, (600, 600), 1.2),
+    (200, 1000, (200, 1000), 1.0),  # long side capped by max_size
+    (1000, 300, (1000, 300), 1.0),
+    (375, 500, (600, 800), 1.6),
+    (333, 500, (600, 901), 600 / 333),
+])
+def test_resize_image_sizes(height, width, size, scale):
+    img, got_scale = resize_image(torch.zeros(3, height, width), 600, 1000)
+    assert img.shape == (3, *size)
+    assert got_scale == pytest.approx(scale)
+
+
+def test_resize_image_keeps_constant_and_range():
+    img = torch.full((3, 40, 60), 77.0)
+    assert torch.allclose(resize_image(img, 20, 100)[0], img[:, :20, :30])
+    noise = torch.rand(3, 50, 70) * 255
+    for min_size in (10, 120):  # down (antialiased) and up
+        out = resize_image(noise, min_size, 1000)[0]
+        assert out.min() >= -1e-3 and out.max() <= 255 + 1e-3
+
+
+def test_resize_bbox_by_hand():
+    bbox = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
+    out = resize_bbox(bbox, (100, 200), (50, 400))  # y x0.5, x x2
+    assert out.tolist() == [[20.0, 10.0, 60.0, 20.0]]
+    assert resize_bbox(torch.zeros(0, 4), (1, 1), (2, 2)).shape == (0, 4)
+
+
+def test_flip_bbox_by_hand_and_twice():
+    bbox = torch.tensor([[10.0, 20.0, 30.0, 40.0], [0.0, 0.0, 100.0, 5.0]])
+    flipped = flip_bbox(bbox, (50, 100))
+    assert flipped.tolist() == [[70.0, 20.0, 90.0, 40.0], [0.0, 0.0, 100.0, 5.0]]
+    assert torch.equal(flip_bbox(flipped, (50, 100)), bbox)
+    assert flip_bbox(torch.zeros(0, 4), (5, 5)).shape == (0, 4)
+
+
+def test_flip_bbox_matches_flipped_image():
+    img = torch.zeros(1, 10, 20)
+    img[:, 2:5, 3:8] = 1  # box (3, 2, 8, 5) in continuous coordinates
+    ys, xs = torch.nonzero(img.flip(-1)[0], as_tuple=True)
+    expected = [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+    assert flip_bbox(torch.tensor([[3.0, 2.0, 8.0, 5.0]]), (10, 20)).tolist() == [expected]
+
+
+def test_caffe_normalize_by_hand():
+    img = torch.zeros(3, 2, 2)
+    img[:, 1, 0] = torch.tensor([10.0, 20.0, 30.0])  # R, G, B
+    out = normalize(img, 'caffe')
+    assert out[:, 1, 0].tolist() == pytest.approx([30 - 102.9801, 20 - 115.9465, 10 - 122.7717])
+
+
+def test_torchvision_normalize_by_hand():
+    img = torch.full((3, 1, 1), 255.0)
+    out = normalize(img, 'torchvision')[:, 0, 0]
+    assert out.tolist() == pytest.approx([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224,
+                                          (1 - 0.406) / 0.225], rel=1e-6)
+
+
+@pytest.mark.parametrize('mode', ['caffe', 'torchvision'])
+@pytest.mark.parametrize('shape', [(3, 4, 5), (2, 3, 4, 5)])
+def test_normalize_round_trip(mode, shape):
+    img = torch.rand(shape) * 255
+    assert torch.allclose(denormalize(normalize(img, mode), mode), img, atol=1e-3)
+
+
+def test_unknown_normalization():
+    with pytest.raises(ValueError, match="'Caffe'.*valid: caffe, torchvision"):
+        normalize(torch.zeros(3, 1, 1), 'Caffe')
+    with pytest.raises(ValueError, match='valid'):
+        denormalize(torch.zeros(3, 1, 1), 'imagenet')
