@@ -6,6 +6,10 @@
     torchrun --nproc_per_node=K train.py train ...   (data-parallel, one process per device)
 
 Every option is a field of utils.config.Config.
+
+Under torchrun each process trains on its own shard of the images and DDP averages the
+gradients. Rank 0 alone logs, plots, writes the run folder and evaluates, while the others wait
+at a barrier: the validation set is small and mAP needs all predictions in one place.
 """
 import json
 import os
@@ -193,7 +197,7 @@ def train(**kwargs):
                     best_map = val['map']
                     save_checkpoint(ckpt, run_dir / 'best.pt')
             if world_size > 1:
-                dist.barrier()
+                dist.barrier()  # the others wait while rank 0 evaluates and saves
     except NonFiniteLossError as e:
         sys.exit(f'error: {e}')
 

@@ -136,7 +136,8 @@ def set_rng_state(state):
     np.random.set_state((np_state[0], np_state[1].numpy(), *np_state[2:]))
     torch.set_rng_state(state['torch'])
     if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        # One state per GPU the saving process saw; a resume may see fewer.
+        torch.cuda.set_rng_state_all(state['cuda'][:torch.cuda.device_count()])
 
 
 def save_checkpoint(state, path):
@@ -170,6 +171,7 @@ class FasterRCNNTrainer:
     """
 
     def __init__(self, faster_rcnn, cfg, vis=None, device='cpu', rank=0, world_size=1):
+        device = torch.device(device)
         self.faster_rcnn, self.cfg, self.vis, self.device = faster_rcnn, cfg, vis, device
         self.net = FasterRCNNWithLosses(
             faster_rcnn,

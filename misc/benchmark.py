@@ -57,8 +57,9 @@ class RoIPoolOneLevel(nn.Module):
         self.output_size, self.spatial_scale = output_size, spatial_scale
 
     def forward(self, features, proposals, image_shapes):
-        return torchvision.ops.roi_pool(features['0'], proposals, self.output_size,
-                                        self.spatial_scale)
+        # In float32 under autocast, as our head pools (the CPU kernel has no bfloat16 either).
+        return torchvision.ops.roi_pool(features['0'].float(), [p.float() for p in proposals],
+                                        self.output_size, self.spatial_scale)
 
 
 def torchvision_twin(ours, height, width):

@@ -21,3 +21,21 @@ def toy_root(tmp_path_factory):
     """A small toy VOC-format dataset (VOCdevkit layout), generated once per test session."""
     from data.toy import make_toy_dataset
     return make_toy_dataset(tmp_path_factory.mktemp('toy'), n_trainval=60, n_test=20, seed=0)
+
+
+def tiny_run_options(toy_root, out_dir, **overrides):
+    """Options for a seconds-long training run on the session's toy dataset."""
+    options = dict(dataset='toy', voc_data_dir=str(toy_root), out_dir=str(out_dir),
+                   run_name='run', epochs=1, n_val_images=4, test_n_images=6, min_size=160,
+                   max_size=200, num_workers=0, visdom=False, plot_every=10, seed=0)
+    options.update(overrides)
+    return options
+
+
+@pytest.fixture(scope='session')
+def trained_run(toy_root, tmp_path_factory):
+    """A run folder with a checkpoint trained for one short epoch."""
+    from train import train
+    out = tmp_path_factory.mktemp('trained')
+    train(**tiny_run_options(toy_root, out))
+    return out / 'run'

@@ -1,0 +1,169 @@
+"""End-to-end: the CLI verbs, exact resume, atomic checkpoints, non-finite losses, visdom."""
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer
+from conftest import tiny_run_options
+from train import detect, eval as eval_cli, load_model, train
+from trainer import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def records(run_dir, **match):
+    lines = (run_dir / 'metrics.jsonl').read_text().splitlines()
+    out = [json.loads(line) for line in lines]
+    return [r for r in out if all(r.get(k) == v for k, v in match.items())]
+
+
+def test_run_folder_holds_config_metrics_and_checkpoints(trained_run):
+    assert {'config.json', 'metrics.jsonl', 'last.pt', 'best.pt'} <= {
+        p.name for p in trained_run.iterdir()}
+    config = json.loads((trained_run / 'config.json').read_text())
+    assert config['epochs'] == 1 and config['extractor'] == 'small'
+    assert records(trained_run, split='val') and records(trained_run, split='test')
+    losses = [r for r in records(trained_run) if 'total_loss' in r]
+    assert losses and all(r['total_loss'] > 0 for r in losses)
+    state = load_checkpoint(trained_run / 'best.pt')
+    assert state['class_names'] == ['circle', 'square', 'triangle']
+
+
+def test_resume_continues_exactly(toy_root, tmp_path):
+    opts = dict(epochs=2, lr_milestones=(1,))
+    train(**tiny_run_options(toy_root, tmp_path / 'straight', **opts))
+    train(**tiny_run_options(toy_root, tmp_path / 'resumed', **{**opts, 'epochs': 1}))
+    train(**tiny_run_options(toy_root, tmp_path / 'resumed', **opts),
+          resume=str(tmp_path / 'resumed' / 'run'))
+    straight = load_checkpoint(tmp_path / 'straight' / 'run' / 'last.pt')
+    resumed = load_checkpoint(tmp_path / 'resumed' / 'run' / 'last.pt')
+    assert straight['epoch'] == resumed['epoch'] == 1
+    assert straight['step'] == resumed['step']
+    for key, value in straight['model'].items():
+        assert torch.equal(value, resumed['model'][key]), key
+    assert straight['optimizer']['param_groups'][0]['lr'] == pytest.approx(1e-3)  # decayed
+
+
+def test_killed_save_leaves_previous_checkpoint_loadable(trained_run, tmp_path, monkeypatch):
+    path = tmp_path / 'last.pt'
+    good = load_checkpoint(trained_run / 'last.pt')
+    trainer.save_checkpoint(good, path)
+
+    def dies_midway(obj, f):
+        Path(f).write_bytes(b'half a checkpoint')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.torch, 'save', dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(good, path)
+    assert load_checkpoint(path)['step'] == good['step']
+
+
+def test_broken_checkpoint_errors_name_the_file(tmp_path):
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match='junk.pt is not a readable checkpoint'):
+        load_checkpoint(tmp_path / 'junk.pt')
+    torch.save({'weights': torch.zeros(1)}, tmp_path / 'other.pt')
+    with pytest.raises(ValueError, match='other.pt is not a frcnn checkpoint'):
+        load_checkpoint(tmp_path / 'other.pt')
+    with pytest.raises(ValueError, match='no checkpoint at'):
+        load_checkpoint(tmp_path / 'missing.pt')
+
+
+def test_non_finite_loss_stops_with_step_and_losses(toy_root, tmp_path, monkeypatch, capsys):
+    real = trainer.smooth_l1_loss
+    calls = []
+
+    def nan_after_first_epoch(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float('nan') if len(calls) > 2 * 56 + 6 else loss
+
+    monkeypatch.setattr(trainer, 'smooth_l1_loss', nan_after_first_epoch)
+    with pytest.raises(SystemExit, match=r'non-finite loss at step 59: rpn_loc_loss=nan, '
+                                         r'rpn_cls_loss=[\d.]+, roi_loc_loss=nan'):
+        train(**tiny_run_options(toy_root, tmp_path, epochs=2))
+    state = load_checkpoint(tmp_path / 'run' / 'last.pt')
+    assert state['epoch'] == 0 and state['step'] == 56
+    assert all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point())
+
+
+def test_eval_prints_the_numbers_train_ended_with(trained_run, capsys):
+    eval_cli(str(trained_run / 'best.pt'), device='cpu')
+    out = capsys.readouterr().out
+    assert 'VOC07 11-point metric' in out and 'VOC2010+ area metric' in out
+    for name in ('circle', 'square', 'triangle'):
+        assert name in out
+    test_map = records(trained_run, split='test')[-1]['map']
+    assert f'mAP       {test_map:.4f}' in out
+
+
+def test_detect_writes_images_and_json(trained_run, toy_root, tmp_path):
+    images = sorted((toy_root / 'JPEGImages').glob('*.jpg'))[:2]
+    detect(str(trained_run / 'best.pt'), *map(str, images), out_dir=str(tmp_path / 'det'),
+           preset='evaluate')
+    result = json.loads((tmp_path / 'det' / 'detections.json').read_text())
+    assert [r['image'] for r in result] == list(map(str, images))
+    for r in result:
+        for d in r['detections']:
+            assert d['label'] in ('circle', 'square', 'triangle') and 0.05 < d['score'] <= 1
+            assert len(d['bbox']) == 4
+    assert all((tmp_path / 'det' / f'{p.stem}.png').stat().st_size > 0 for p in images)
+
+
+def test_load_model_refuses_unknown_option(trained_run):
+    with pytest.raises(ValueError, match='unknown option --min_sise'):
+        load_model(trained_run / 'best.pt', min_sise=3)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_visdom_server_receives_loss_curves(toy_root, tmp_path):
+    import visdom
+    port = free_port()
+    code = ('import sys; from visdom.server import run_server; sys.argv = ["visdom", "-port", '
+            f'"{port}", "--hostname", "127.0.0.1", "-bind_local", "-env_path", '
+            f'"{tmp_path}", "-logging_level", "WARNING"]; run_server.main()')
+    server = subprocess.Popen([sys.executable, '-c', code])
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(('127.0.0.1', port)) == 0:
+                    break
+            time.sleep(0.2)
+        train(**tiny_run_options(toy_root, tmp_path, visdom=True, visdom_port=port,
+                                 env='frcnn_test', plot_every=8))
+        client = visdom.Visdom(server='http://127.0.0.1', port=port, env='frcnn_test')
+        data = json.loads(client.get_window_data(win='total_loss', env='frcnn_test'))
+        ys = data['content']['data'][0]['y']
+        logged = [r['total_loss'] for r in records(tmp_path / 'run') if 'total_loss' in r]
+        assert ys == pytest.approx(logged)
+        assert len(ys) == 7  # 56 steps, a point every 8
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_demo_notebook_runs(trained_run, toy_root, monkeypatch):
+    import nbclient
+    import nbformat
+    image = sorted((toy_root / 'JPEGImages').glob('*.jpg'))[0]
+    monkeypatch.setenv('FRCNN_CHECKPOINT', str(trained_run / 'best.pt'))
+    monkeypatch.setenv('FRCNN_IMAGE', str(image))
+    monkeypatch.setenv('MPLBACKEND', 'Agg')
+    nb = nbformat.read(ROOT / 'demo.ipynb', as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name='python3',
+                            resources={'metadata': {'path': str(ROOT)}}).execute()
+    text = ''.join(o.get('text', '') for c in nb.cells for o in c.get('outputs', []))
+    assert 'small extractor, 3 classes: circle, square, triangle' in text
