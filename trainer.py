@@ -215,10 +215,11 @@ class FasterRCNNTrainer:
 
     def train_step(self, batch):
         """One optimiser step on a collated batch (data.dataset.collate_train)."""
+        sizes = [tuple(s) for s in batch['sizes'].tolist()]
+        check_targets(batch['bboxes'], batch['labels'], sizes, self.faster_rcnn.n_class - 1)
         images = batch['images'].to(self.device, non_blocking=True)
         bboxes = [b.to(self.device) for b in batch['bboxes']]
         labels = [lab.to(self.device) for lab in batch['labels']]
-        sizes = [tuple(s) for s in batch['sizes'].tolist()]
         scales = batch['scales'].tolist()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
@@ -246,6 +247,7 @@ class FasterRCNNTrainer:
         self.faster_rcnn.load_state_dict(state['model'])
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
-        self.scaler.load_state_dict(state['scaler'])
+        if state['scaler']:  # empty when the run was saved without float16 AMP
+            self.scaler.load_state_dict(state['scaler'])
         self.step = state['step']
         set_rng_state(state['rng'])

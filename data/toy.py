@@ -16,8 +16,8 @@ from PIL import Image
 from skimage import draw
 
 CLASS_NAMES = ('circle', 'square', 'triangle')
-VERSION = 'toy-v1'
-MIN_OBJECT, MAX_OBJECT = 28, 110  # object height and width in pixels
+VERSION = 'toy-v2'
+MIN_OBJECT, MAX_OBJECT = 40, 110  # object height and width in pixels; 40 px = 2.5 feature cells
 MIN_VISIBLE = 0.5  # fraction of an object that later objects may leave visible, at least
 # Objects less visible than this, or left narrower than MIN_OBJECT by occlusion, are marked
 # difficult: about 4% of them.

@@ -34,6 +34,7 @@ from torchvision.models.detection.rpn import RPNHead
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.util import normalize  # noqa: E402
+from model.faster_rcnn import PRESETS  # noqa: E402
 from model.faster_rcnn_vgg16 import FEAT_STRIDE, build_faster_rcnn  # noqa: E402
 from trainer import FasterRCNNWithLosses, make_optimizer  # noqa: E402
 
@@ -62,22 +63,26 @@ class RoIPoolOneLevel(nn.Module):
                                         self.output_size, self.spatial_scale)
 
 
-def torchvision_twin(ours, height, width):
-    """torchvision's FasterRCNN with our design and a copy of our weights (see module doc)."""
+def torchvision_twin(net, height, width):
+    """torchvision's FasterRCNN with our design and a copy of our weights (see module doc).
+
+    net: our FasterRCNNWithLosses; its target creators give the sampling settings.
+    """
+    ours, anchor_targets, roi_targets = (net.faster_rcnn, net.anchor_target_creator,
+                                         net.proposal_target_creator)
     backbone = copy.deepcopy(ours.extractor)  # frozen layers stay frozen (requires_grad copied)
     backbone.out_channels = ours.rpn.conv1.out_channels
-    n_class = ours.n_class
     rpn_head = RPNHead(backbone.out_channels, ours.rpn.anchor_base.shape[0])
     rpn_head.conv[0][0].load_state_dict(ours.rpn.conv1.state_dict())
     rpn_head.bbox_pred.load_state_dict(ours.rpn.loc.state_dict())
     with torch.no_grad():  # our score channels are (bg, fg) per anchor: sigmoid(fg - bg)
         rpn_head.cls_logits.weight.copy_(ours.rpn.score.weight[1::2] - ours.rpn.score.weight[::2])
         rpn_head.cls_logits.bias.copy_(ours.rpn.score.bias[1::2] - ours.rpn.score.bias[::2])
-    predictor = FastRCNNPredictor(ours.head.score.in_features, n_class)
+    predictor = FastRCNNPredictor(ours.head.score.in_features, ours.n_class)
     predictor.cls_score.load_state_dict(ours.head.score.state_dict())
     predictor.bbox_pred.load_state_dict(ours.head.cls_loc.state_dict())
-    proposals = ours.rpn.proposal_layer
-    anchor_sizes = tuple(FEAT_STRIDE * s for s in (8, 16, 32))  # our anchor_scales
+    proposals, evaluate = ours.rpn.proposal_layer, PRESETS['evaluate']
+    anchor_sizes = tuple(FEAT_STRIDE * s for s in (8, 16, 32))  # build_faster_rcnn's defaults
     model = TorchvisionFasterRCNN(
         backbone, min_size=min(height, width), max_size=max(height, width),  # scale 1
         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],  # 'torchvision'
@@ -88,12 +93,17 @@ def torchvision_twin(ours, height, width):
         rpn_post_nms_top_n_train=proposals.n_train_post_nms,
         rpn_pre_nms_top_n_test=proposals.n_test_pre_nms,
         rpn_post_nms_top_n_test=proposals.n_test_post_nms, rpn_nms_thresh=proposals.nms_thresh,
-        rpn_fg_iou_thresh=0.7, rpn_bg_iou_thresh=0.3, rpn_batch_size_per_image=256,
-        rpn_positive_fraction=0.5,
+        rpn_fg_iou_thresh=anchor_targets.pos_iou_thresh,
+        rpn_bg_iou_thresh=anchor_targets.neg_iou_thresh,
+        rpn_batch_size_per_image=anchor_targets.n_sample,
+        rpn_positive_fraction=anchor_targets.pos_ratio,
         box_head=nn.Sequential(nn.Flatten(), copy.deepcopy(ours.head.classifier)),
-        box_predictor=predictor, box_score_thresh=0.05, box_nms_thresh=0.3,
-        box_detections_per_img=100, box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5,
-        box_batch_size_per_image=128, box_positive_fraction=0.25,
+        box_predictor=predictor, box_score_thresh=evaluate['score_thresh'],
+        box_nms_thresh=evaluate['nms_thresh'], box_detections_per_img=evaluate['max_per_image'],
+        box_fg_iou_thresh=roi_targets.pos_iou_thresh,
+        box_bg_iou_thresh=roi_targets.neg_iou_thresh_hi,
+        box_batch_size_per_image=roi_targets.n_sample,
+        box_positive_fraction=roi_targets.pos_ratio,
         bbox_reg_weights=tuple(1 / s for s in ours.loc_normalize_std.tolist()))
     # The constructor accepts only MultiScaleRoIAlign and fixes the RPN's min size at 1e-3 px.
     model.roi_heads.box_roi_pool = RoIPoolOneLevel(ROI_SIZE, 1 / FEAT_STRIDE)
@@ -161,7 +171,7 @@ def peak_memory(device):
     """Yields a dict whose 'mb' is, after the block, the block's peak memory growth in MiB.
 
     CUDA: max_memory_allocated after reset_peak_memory_stats, minus the allocation before.
-    CPU: resident set size sampled every 2 ms by a thread (psutil), peak minus the RSS before;
+    CPU: resident set size sampled every 5 ms by a thread (psutil), peak minus the RSS before;
     None without psutil.
     """
     result = {'mb': None}
@@ -184,7 +194,7 @@ def peak_memory(device):
 
     def sample():
         nonlocal peak
-        while not done.wait(0.002):
+        while not done.wait(0.005):
             peak = max(peak, process.memory_info().rss)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -225,13 +235,26 @@ def race(steps, repeat, warmup, device, sync):
             for name in steps}
 
 
-def breakdown(step, instrument, repeat, sync):
-    """Median milliseconds per stage over ``repeat`` runs of ``step``, stages timed by a
-    StageClock that ``instrument(clock)`` wires in; 'total' is the whole step."""
+def instrument(clock, net):
+    """Wires the clock into our stages (net: FasterRCNNWithLosses)."""
+    model = net.faster_rcnn
+    for name, owner, attr in (
+            ('preprocess', model, 'preprocess'), ('backbone', model.extractor, 'forward'),
+            ('rpn', model.rpn, 'forward'), ('rpn.proposals', model.rpn, 'proposal_layer'),
+            ('anchor_targets', net, 'anchor_target_creator'),
+            ('proposal_targets', net, 'proposal_target_creator'),
+            ('head', model.head, 'forward'), ('head.roi_pool', model.head.roi, 'forward'),
+            ('postprocess', model, '_postprocess')):
+        clock.wrap(name, owner, attr)
+
+
+def breakdown(step, net, repeat, sync):
+    """Median milliseconds per stage of ours over ``repeat`` runs of ``step(clock)``, 'total'
+    being the whole step."""
     runs = defaultdict(list)
     for _ in range(repeat):
         clock = StageClock(sync)
-        instrument(clock)
+        instrument(clock, net)
         try:
             with clock.stage('total'):
                 step(clock)
@@ -240,6 +263,19 @@ def breakdown(step, instrument, repeat, sync):
         for name, ms in clock.ms.items():
             runs[name].append(ms)
     return {name: statistics.median(runs[name]) for name in STAGES if name in runs}
+
+
+def side_by_side(timings):
+    """race's result as flat {ours,torchvision}_{ms,min_ms,max_ms,peak_mb,runs_ms} and the
+    median of the per-pair ratios."""
+    ratios = [a / b for a, b in zip(timings['ours']['runs'], timings['torchvision']['runs'])]
+    out = {'ratio': statistics.median(ratios)}
+    for name in ('ours', 'torchvision'):
+        t = timings[name]
+        out.update({f'{name}_ms': t['median'], f'{name}_min_ms': t['min'],
+                    f'{name}_max_ms': t['max'], f'{name}_peak_mb': t['peak_mb'],
+                    f'{name}_runs_ms': t['runs']})
+    return out
 
 
 def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, device='cpu',
@@ -256,8 +292,9 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
 
     torch.manual_seed(seed)
     ours = build_faster_rcnn(n_class, 'vgg16', min_size=min(height, width),
-                             max_size=max(height, width)).to(device)
-    theirs = torchvision_twin(ours, height, width).to(device)
+                             max_size=max(height, width)).to(device)  # predict keeps the size
+    ours_net = FasterRCNNWithLosses(ours)
+    theirs = torchvision_twin(ours_net, height, width).to(device)
     images, bboxes, labels = synthetic_batch(batch_size, height, width, n_class, seed)
     images, bboxes, labels = (images.to(device), [b.to(device) for b in bboxes],
                               [lab.to(device) for lab in labels])
@@ -265,7 +302,6 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     unit_images = [img / 255 for img in images]  # torchvision detection takes 0..1 images
     sizes, scales = [(height, width)] * batch_size, [1.0] * batch_size
     targets = [{'boxes': b, 'labels': lab + 1} for b, lab in zip(bboxes, labels)]  # 0 = bg
-    ours_net = FasterRCNNWithLosses(ours)
     generator = torch.Generator(device=device).manual_seed(seed)
     ours_optimizer, theirs_optimizer = (make_optimizer(m, **SGD) for m in (ours, theirs))
 
@@ -299,35 +335,15 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
         total.backward()
         theirs_optimizer.step()
 
-    def instrument_model(clock):
-        for name, owner, attr in (
-                ('backbone', ours.extractor, 'forward'), ('rpn', ours.rpn, 'forward'),
-                ('rpn.proposals', ours.rpn, 'proposal_layer'), ('head', ours.head, 'forward'),
-                ('head.roi_pool', ours.head.roi, 'forward'),
-                ('preprocess', ours, 'preprocess'), ('postprocess', ours, '_postprocess'),
-                ('anchor_targets', ours_net, 'anchor_target_creator'),
-                ('proposal_targets', ours_net, 'proposal_target_creator')):
-            clock.wrap(name, owner, attr)
-
     # Inference first: training steps change the weights.
     inference = race({'ours': ours_inference, 'torchvision': theirs_inference},
                      repeat, warmup, device, sync)
-    inference_stages = breakdown(ours_inference, instrument_model, repeat, sync)
+    inference_stages = breakdown(ours_inference, ours_net, repeat, sync)
     train = race({'ours': ours_train, 'torchvision': theirs_train}, repeat, warmup, device, sync)
-    train_stages = breakdown(ours_train, instrument_model, repeat, sync)
-
-    def side_by_side(timings):
-        ratios = [a / b for a, b in zip(timings['ours']['runs'], timings['torchvision']['runs'])]
-        out = {'ratio': statistics.median(ratios)}
-        for name in ('ours', 'torchvision'):
-            t = timings[name]
-            out.update({f'{name}_ms': t['median'], f'{name}_min_ms': t['min'],
-                        f'{name}_max_ms': t['max'], f'{name}_peak_mb': t['peak_mb'],
-                        f'{name}_runs_ms': t['runs']})
-        return out
+    train_stages = breakdown(ours_train, ours_net, repeat, sync)
 
     stages = inference_stages
-    fc_and_convs = stages['backbone'] + stages['head'] - stages['head.roi_pool']
+    convs_and_fc = stages['backbone'] + stages['head'] - stages['head.roi_pool']
     return {
         'device': str(device),
         'inference': side_by_side(inference),
@@ -335,10 +351,10 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
         'breakdown': {
             'inference': inference_stages, 'train': train_stages,
             # the goal: everything but the backbone convolutions and the head's fc layers
-            'inference_outside_backbone_and_fc': 1 - fc_and_convs / stages['total'],
+            'inference_outside_backbone_and_fc': 1 - convs_and_fc / stages['total'],
         },
         'memory': ('CUDA: max_memory_allocated growth' if device.type == 'cuda' else
-                   'CPU: peak RSS growth, sampled every 2 ms (psutil), largest over the runs'),
+                   'CPU: peak RSS growth, sampled every 5 ms (psutil), largest over the runs'),
         'settings': dict(height=height, width=width, batch_size=batch_size, repeat=repeat,
                          warmup=warmup, amp=amp, n_class=n_class, seed=seed,
                          threads=torch.get_num_threads()),

@@ -14,6 +14,7 @@ map; the first strictly greater value in (h, w) scan order wins.
 float16 / bfloat16 run in float32 and come back in the input's dtype.
 """
 import torch
+import torchvision  # noqa: F401  (registers torch.ops.torchvision.roi_pool)
 from torch import nn
 from torch.autograd.function import once_differentiable
 

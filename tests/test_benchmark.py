@@ -5,11 +5,12 @@ import torch
 from data.util import normalize
 from misc.benchmark import STAGES, StageClock, main, synthetic_batch, torchvision_twin
 from model.faster_rcnn_vgg16 import build_faster_rcnn
+from model.utils.creator_tool import ProposalCreator
+from trainer import FasterRCNNWithLosses
 
 
 def test_smoke_tiny_images(tmp_path, capsys):
-    # 64x96 gives a 4x6 feature map: few or no proposals survive the 16 px filter, which both
-    # models must survive too.
+    # 64x96: a 4x6 feature map, seconds per run; the no-proposal path is tested below.
     out = tmp_path / 'b.json'
     main(height=64, width=96, repeat=1, warmup=0, n_class=2, out=str(out), threads=2)
     result = json.loads(out.read_text())
@@ -34,7 +35,7 @@ def test_smoke_tiny_images(tmp_path, capsys):
 def test_torchvision_twin_matches_our_weights_and_sizes():
     torch.manual_seed(0)
     ours = build_faster_rcnn(3, 'vgg16', min_size=64, max_size=96)
-    theirs = torchvision_twin(ours, 64, 96).eval()
+    theirs = torchvision_twin(FasterRCNNWithLosses(ours), 64, 96).eval()
     images, bboxes, labels = synthetic_batch(1, 64, 96, 3, seed=0)
     image_list, _ = theirs.transform([images[0] / 255])
     assert image_list.tensors.shape == (1, 3, 64, 96)  # no resize, no padding
@@ -52,6 +53,17 @@ def test_torchvision_twin_matches_our_weights_and_sizes():
                       if not p.requires_grad] and len(frozen) == 8  # conv1_1..conv2_2
     assert theirs.rpn.min_size == 16
     assert bboxes[0].shape == (3, 4) and labels[0].tolist() == [0, 1, 2]
+
+
+def test_no_proposals_gives_no_boxes_on_both_sides():
+    torch.manual_seed(0)
+    ours = build_faster_rcnn(2, 'vgg16', proposal_creator=ProposalCreator(min_size=1000),
+                             min_size=64, max_size=96)  # every proposal is under 1000 px
+    theirs = torchvision_twin(FasterRCNNWithLosses(ours), 64, 96).eval()
+    images, _, _ = synthetic_batch(1, 64, 96, 2, seed=0)
+    assert ours.predict(list(images))[0][0].shape == (0, 4)
+    with torch.no_grad():
+        assert theirs([images[0] / 255])[0]['boxes'].shape == (0, 4)
 
 
 def test_stage_clock_times_and_restores():

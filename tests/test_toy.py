@@ -53,9 +53,9 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
 
 def test_toy_dataset_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(toy, 'make_toy_dataset', lambda root: root)
-    assert toy.toy_dataset_dir(tmp_path) == tmp_path / 'toy-v1'
+    assert toy.toy_dataset_dir(tmp_path) == tmp_path / toy.VERSION
     monkeypatch.setenv('FRCNN_CACHE', str(tmp_path / 'env'))
-    assert toy.toy_dataset_dir() == tmp_path / 'env' / 'toy-v1'
+    assert toy.toy_dataset_dir() == tmp_path / 'env' / toy.VERSION
 
 
 def test_loads_as_voc(toy_root):

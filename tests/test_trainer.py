@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from model.faster_rcnn_vgg16 import build_faster_rcnn
+from trainer import FasterRCNNTrainer, check_targets, make_optimizer, smooth_l1_loss
+from utils.config import Config
+
+
+def test_smooth_l1_by_hand():
+    # sigma 1: |d| < 1 -> 0.5 d^2, else |d| - 0.5; only label > 0 rows count;
+    # divided by the number of rows with label >= 0 (here 3 of 4).
+    pred = torch.tensor([[0.5, 0, 0, 0], [3.0, 0, 0, 0], [9.0, 9, 9, 9], [1.0, 1, 1, 1]])
+    target = torch.zeros(4, 4)
+    label = torch.tensor([1, 2, 0, -1])
+    expected = (0.5 * 0.25 + (3 - 0.5)) / 3
+    assert float(smooth_l1_loss(pred, target, label, 1.0)) == pytest.approx(expected)
+    # sigma 3: the quadratic zone shrinks to |d| < 1/9: 0.5 -> 0.5 - 0.5/9.
+    assert float(smooth_l1_loss(pred[:1], target[:1], label[:1], 3.0)) == pytest.approx(
+        0.5 - 0.5 / 9)
+    assert float(smooth_l1_loss(pred, target, torch.full((4,), -1), 1.0)) == 0
+
+
+def test_optimizer_gives_biases_twice_the_lr_and_no_decay():
+    model = build_faster_rcnn(3, 'small')
+    opt = make_optimizer(model, 'sgd', 0.01, 0.9, 5e-4)
+    weights, biases = opt.param_groups
+    assert (weights['lr'], weights['weight_decay'], weights['momentum']) == (0.01, 5e-4, 0.9)
+    assert (biases['lr'], biases['weight_decay']) == (0.02, 0.0)
+    n_bias = sum(1 for name, p in model.named_parameters() if name.endswith('bias'))
+    assert len(biases['params']) == n_bias
+    assert isinstance(make_optimizer(model, 'adam', 0.01, 0.9, 0), torch.optim.Adam)
+
+
+@pytest.mark.filterwarnings('ignore:Detected call of')
+def test_lr_drops_at_the_milestones():
+    cfg = Config(lr=0.01, lr_milestones=(2,), epochs=4)
+    trainer = FasterRCNNTrainer(build_faster_rcnn(3, 'small'), cfg)
+    lrs = []
+    for _ in range(4):
+        lrs.append(trainer.lr())
+        trainer.scheduler.step()
+    assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001])
+
+
+@pytest.mark.parametrize('box, label, message', [
+    ([10, 10, 5, 20], 0, r'box \[10.0, 10.0, 5.0, 20.0\] is empty or outside the 100x80 image'),
+    ([10, 10, 120, 20], 0, 'outside the 100x80 image'),
+    ([-1, 10, 20, 20], 0, 'outside'),
+    ([10, 10, 20, 20], 3, r'labels must be in 0..2, got \[3\]'),
+])
+def test_bad_targets_are_refused_at_the_entry(box, label, message):
+    with pytest.raises(ValueError, match=message):
+        check_targets([torch.tensor([box], dtype=torch.float32)], [torch.tensor([label])],
+                      [(80, 100)], 3)
+    check_targets([torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.int64)], [(80, 100)], 3)
