@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_options
 
 import trainer
-from conftest import tiny_run_options
-from train import detect, eval as eval_cli, load_model, train
+from train import detect, load_model, train
+from train import eval as eval_cli
 from trainer import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,3 +168,13 @@ def test_demo_notebook_runs(trained_run, toy_root, monkeypatch):
                             resources={'metadata': {'path': str(ROOT)}}).execute()
     text = ''.join(o.get('text', '') for c in nb.cells for o in c.get('outputs', []))
     assert 'small extractor, 3 classes: circle, square, triangle' in text
+
+
+@pytest.mark.slow
+def test_quick_start_trains_the_toy_dataset_to_map_09(tmp_path, monkeypatch):
+    """README's quick start with its defaults (only the folders moved): test mAP >= 0.9."""
+    monkeypatch.setenv('FRCNN_CACHE', str(tmp_path / 'cache'))
+    train(dataset='toy', device='cpu', out_dir=str(tmp_path), run_name='quickstart',
+          visdom=False)
+    test = records(tmp_path / 'quickstart', split='test')[-1]
+    assert test['map'] >= 0.9, test

@@ -15,7 +15,7 @@ DATASETS = ('voc07', 'voc0712', 'custom', 'toy')
 # Per-dataset values for the fields whose default is None.
 DATASET_DEFAULTS = {
     'toy': dict(extractor='small', min_size=256, max_size=400, anchor_scales=(2, 4, 8),
-                epochs=12, lr=0.01, lr_milestones=(9,), n_val_images=30, num_workers=0,
+                epochs=10, lr=0.01, lr_milestones=(7,), n_val_images=30, num_workers=0,
                 plot_every=50),
     'voc': dict(extractor='vgg16', min_size=600, max_size=1000, anchor_scales=(8, 16, 32),
                 epochs=14, lr=1e-3, lr_milestones=(9,), n_val_images=300, num_workers=2,
