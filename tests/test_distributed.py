@@ -132,13 +132,13 @@ def test_bfloat16_autocast_on_cpu_stays_close_to_float32():
     assert full_dtypes == {'features': torch.float32, 'pool': torch.float32}
     # Convolutions run in bfloat16; RoI pooling (and the proposals) stay in float32.
     assert mixed_dtypes == {'features': torch.bfloat16, 'pool': torch.float32}
-    # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per operation); the
-    # targets are identical (KEEP_ALL), so the float32 losses differ by rounding alone: 0.3%
-    # at most here. 2% allows accumulation over the layers, and is far below what a wrong cast
-    # or an overflow would do.
+    # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per operation). Sampling
+    # keeps every candidate (KEEP_ALL), but the proposals are decoded from bfloat16 RPN outputs,
+    # so the RoIs and their regression targets move a little too: up to 2.7% on roi_loc_loss
+    # here, 0.3% on the others. 5% is far below what a wrong cast or an overflow would do.
     for name, value in full[0].items():
         assert value.dtype == mixed[0][name].dtype == torch.float32
-        torch.testing.assert_close(mixed[0][name], value, rtol=0.02, atol=1e-4, msg=named(name))
+        torch.testing.assert_close(mixed[0][name], value, rtol=0.05, atol=1e-4, msg=named(name))
     # Gradients: about 10% relative error in norm here (cosine 0.997), but the same direction.
     assert float(nn.functional.cosine_similarity(mixed_grad, full_grad, dim=0)) > 0.98
     totals = [float(losses['total_loss']) for losses in mixed]
