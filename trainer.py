@@ -178,7 +178,9 @@ class FasterRCNNTrainer:
             AnchorTargetCreator(cfg.rpn_n_sample, cfg.rpn_pos_iou_thresh, cfg.rpn_neg_iou_thresh,
                                 cfg.rpn_pos_ratio),
             ProposalTargetCreator(cfg.roi_n_sample, cfg.roi_pos_ratio, cfg.roi_pos_iou_thresh,
-                                  cfg.roi_neg_iou_thresh_hi, cfg.roi_neg_iou_thresh_lo),
+                                  cfg.roi_neg_iou_thresh_hi, cfg.roi_neg_iou_thresh_lo,
+                                  # the std predict decodes with: one value for both sides
+                                  tuple(faster_rcnn.loc_normalize_std.tolist())),
             cfg.rpn_sigma, cfg.roi_sigma)
         self.forward = self.net
         if world_size > 1:
