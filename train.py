@@ -26,13 +26,13 @@ from tqdm import tqdm
 
 from data.dataset import TestDataset, TrainDataset, build_bbox_dataset, collate_test, collate_train
 from data.toy import toy_dataset_dir
-from data.util import denormalize, read_image
+from data.util import read_image
 from model.faster_rcnn_vgg16 import build_faster_rcnn
 from model.utils.creator_tool import ProposalCreator
 from trainer import FasterRCNNTrainer, NonFiniteLossError, load_checkpoint, save_checkpoint
 from utils.config import Config
 from utils.eval_tool import eval_detection_voc, format_ap_table
-from utils.vis_tool import Visualizer, bbox_image, vis_bbox
+from utils.vis_tool import Visualizer, vis_bbox
 
 
 def pick_device(name, local_rank=0):
@@ -181,7 +181,7 @@ def train(**kwargs):
                     trainer.reset_meters()
                     bar.set_postfix(loss=f'{means["total_loss"]:.3f}')
                     log.write(step=trainer.step, epoch=epoch, lr=trainer.lr(), **means)
-                    plot_step(vis, model, batch, trainer.step, means, class_names)
+                    trainer.plot(batch, means, class_names)
             trainer.scheduler.step()
             if main:
                 val = evaluate(model, val_set, cfg.batch_size) if len(val_set) else {'map': 0.0}
@@ -213,20 +213,6 @@ def train(**kwargs):
         dist.destroy_process_group()
 
 
-def plot_step(vis, model, batch, step, means, class_names):
-    """Loss curves and the first image of the batch with its ground truth and predictions."""
-    if not vis.connected:
-        return
-    vis.plot_many(means, step)
-    h, w = batch['sizes'][0].tolist()
-    image = denormalize(batch['images'][0][:, :h, :w], model.normalization)
-    vis.img('ground truth', bbox_image(image, batch['bboxes'][0], batch['labels'][0], None,
-                                       class_names))
-    bboxes, labels, scores = model.predict([image], preset='visualize')
-    vis.img('prediction', bbox_image(image, bboxes[0].cpu(), labels[0].cpu(), scores[0].cpu(),
-                                     class_names))
-
-
 def load_model(load_path, device='cpu', **overrides):
     """A trained detector from a checkpoint: (model in eval mode, Config, class names)."""
     state = load_checkpoint(load_path)
@@ -240,7 +226,7 @@ def load_model(load_path, device='cpu', **overrides):
 def eval(load_path, **kwargs):  # noqa: A001 (the CLI verb)
     """Per-class AP and mAP on the test split, both VOC metrics; the numbers train ends with."""
     model, cfg, class_names = load_model(load_path, kwargs.pop('device', 'auto'), **kwargs)
-    cfg = Config.from_kwargs(**{**cfg.to_dict(), **kwargs})  # checks the data folder
+    cfg.check_data_dir()
     _, test_bboxes = bbox_datasets(cfg, 'test', class_names)
     result = evaluate(model, TestDataset(test_bboxes), cfg.batch_size, cfg.test_n_images)
     print('VOC07 11-point metric:')

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from data.util import denormalize
 from model.utils.creator_tool import AnchorTargetCreator, ProposalTargetCreator
+from utils.vis_tool import bbox_image
 
 LOSS_NAMES = ('rpn_loc_loss', 'rpn_cls_loss', 'roi_loc_loss', 'roi_cls_loss')
 
@@ -239,6 +241,20 @@ class FasterRCNNTrainer:
             self.meter_sums[k] = self.meter_sums[k] + losses[k].detach()
         self.meter_count += 1
         return losses
+
+    def plot(self, batch, means, class_names):
+        """Loss curves, and the batch's first image with its ground truth and predictions."""
+        if self.vis is None or not self.vis.connected:
+            return
+        self.vis.plot_many(means, self.step)
+        h, w = batch['sizes'][0].tolist()
+        model = self.faster_rcnn
+        image = denormalize(batch['images'][0][:, :h, :w], model.normalization)
+        self.vis.img('ground truth', bbox_image(image, batch['bboxes'][0], batch['labels'][0],
+                                                None, class_names))
+        bboxes, labels, scores = model.predict([image], preset='visualize')
+        self.vis.img('prediction', bbox_image(image, bboxes[0].cpu(), labels[0].cpu(),
+                                              scores[0].cpu(), class_names))
 
     def state_dict(self):
         return {'model': self.faster_rcnn.state_dict(), 'optimizer': self.optimizer.state_dict(),

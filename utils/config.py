@@ -10,7 +10,8 @@ import json
 import os
 from dataclasses import dataclass
 
-DATASETS = ('voc07', 'voc0712', 'custom', 'toy')
+from data.dataset import DATASETS
+from model.utils.backend import BACKENDS
 
 # Per-dataset values for the fields whose default is None.
 DATASET_DEFAULTS = {
@@ -28,7 +29,7 @@ CHOICES = {
     'normalization': ('caffe', 'torchvision'),
     'optimizer': ('sgd', 'adam'),
     'device': ('auto', 'cpu', 'cuda'),
-    'backend': ('auto', 'cupy', 'torchvision'),
+    'backend': BACKENDS,
     'lr_scaling': ('none', 'linear'),
 }
 
