@@ -2,8 +2,10 @@
 
 Shape shorthand: N images, K anchors, S sampled RoIs, C classes with background.
 """
+import errno
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +21,10 @@ LOSS_NAMES = ('rpn_loc_loss', 'rpn_cls_loss', 'roi_loc_loss', 'roi_cls_loss')
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or written; the message names the file and why."""
 
 
 def smooth_l1_loss(pred, target, label, sigma):
@@ -132,6 +138,13 @@ def rng_state():
             'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+def seed_all(seed):
+    """Seeds every RNG a run touches (Python, NumPy, torch on every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state):
     random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state['python']))
     np_state = state['numpy']
@@ -143,24 +156,40 @@ def set_rng_state(state):
 
 
 def save_checkpoint(state, path):
-    """Writes to a temporary file and renames it: a kill mid-save leaves the old file intact."""
-    tmp = f'{path}.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Writes to a temporary file and renames it: a kill mid-save leaves the old file intact.
+
+    A failed write (disk full, no permission) removes the temporary file and raises
+    CheckpointError naming the path and the reason.
+    """
+    tmp = Path(f'{path}.tmp')
+    try:
+        # Through a Python file object, a full disk is OSError(ENOSPC), not a bare C++ assert.
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise  # e.g. KeyboardInterrupt: the old checkpoint is intact, nothing to explain
+        reason = 'no space left on device' if getattr(e, 'errno', None) == errno.ENOSPC else e
+        raise CheckpointError(f'cannot write checkpoint {path}: {reason}') from e
 
 
 def load_checkpoint(path, map_location='cpu'):
     """Loads a checkpoint as data (weights_only: a checkpoint can never run code)."""
     if not os.path.isfile(path):
-        raise ValueError(f'no checkpoint at {path}')
+        raise CheckpointError(f'no checkpoint at {path}')
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupt or not a torch file: say which file
-        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e})') from e
+        raise CheckpointError(f'{path} is not a readable checkpoint '
+                              f'({type(e).__name__}: {e})') from e
     missing = {'model', 'config', 'class_names'} - set(state) if isinstance(state, dict) else {
         'model'}
     if missing:
-        raise ValueError(f'{path} is not a frcnn checkpoint: it has no {sorted(missing)}')
+        raise CheckpointError(f'{path} is not a frcnn checkpoint: it has no {sorted(missing)}')
     return state
 
 
@@ -188,8 +217,8 @@ class FasterRCNNTrainer:
         if world_size > 1:
             self.forward = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[device.index] if device.type == 'cuda' else None)
-        lr = cfg.lr * (cfg.batch_size * world_size if cfg.lr_scaling == 'linear' else 1)
-        self.optimizer = make_optimizer(faster_rcnn, cfg.optimizer, lr, cfg.momentum,
+        self.world_size = world_size
+        self.optimizer = make_optimizer(faster_rcnn, cfg.optimizer, self.base_lr(), cfg.momentum,
                                         cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, list(cfg.lr_milestones), cfg.lr_decay)
@@ -206,8 +235,35 @@ class FasterRCNNTrainer:
         """Reseeds target sampling from (seed, rank, epoch): a resumed run samples the same."""
         self.generator.manual_seed(self.seed * 1_000_003 + self.rank * 10_007 + epoch)
 
+    def base_lr(self):
+        """The weights' lr before any decay: --lr, times the total batch with linear scaling."""
+        scale = self.cfg.batch_size * self.world_size if self.cfg.lr_scaling == 'linear' else 1
+        return self.cfg.lr * scale
+
     def lr(self):
         return self.optimizer.param_groups[0]['lr']
+
+    def apply_options(self):
+        """Puts the Config's solver options (lr, its schedule, momentum, weight decay) into the
+        loaded optimizer and scheduler, so that options given with --resume take effect.
+
+        The lr is recomputed the way MultiStepLR reached it, milestone by milestone, so an
+        unchanged option gives back bit-identical values.
+        """
+        cfg, scheduler = self.cfg, self.scheduler
+        scheduler.milestones = type(scheduler.milestones)(cfg.lr_milestones)
+        scheduler.gamma = cfg.lr_decay
+        scheduler.base_lrs = [self.base_lr(), 2 * self.base_lr()]  # make_optimizer's groups
+        passed = [m for m in sorted(scheduler.milestones) if m <= scheduler.last_epoch]
+        for group, base_lr, decay in zip(self.optimizer.param_groups, scheduler.base_lrs,
+                                         (cfg.weight_decay, 0.0), strict=True):
+            lr = base_lr
+            for milestone in passed:
+                lr = lr * cfg.lr_decay ** scheduler.milestones[milestone]
+            group.update(initial_lr=base_lr, lr=lr, weight_decay=decay)
+            if cfg.optimizer == 'sgd':
+                group['momentum'] = cfg.momentum
+        scheduler._last_lr = [group['lr'] for group in self.optimizer.param_groups]
 
     def reset_meters(self):
         self.meter_sums = dict.fromkeys(LOSS_NAMES + ('total_loss',), 0.0)
@@ -231,8 +287,7 @@ class FasterRCNNTrainer:
         total = losses['total_loss']
         if not torch.isfinite(total):
             values = ', '.join(f'{k}={float(losses[k].detach()):.4g}' for k in LOSS_NAMES)
-            raise NonFiniteLossError(f'non-finite loss at step {self.step}: {values}; '
-                                     f'training stopped, the last checkpoint is kept')
+            raise NonFiniteLossError(f'non-finite loss at step {self.step + 1}: {values}')
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -265,7 +320,8 @@ class FasterRCNNTrainer:
         self.faster_rcnn.load_state_dict(state['model'])
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
-        if state['scaler']:  # empty when the run was saved without float16 AMP
+        if state['scaler'] and self.scaler.is_enabled():  # empty when saved without float16
             self.scaler.load_state_dict(state['scaler'])
         self.step = state['step']
         set_rng_state(state['rng'])
+        self.apply_options()

@@ -2,16 +2,18 @@
 
 A bbox dataset (VOCBboxDataset or the VOC07+12 union) gives per sample image (3, H, W) float32
 RGB 0..255, bbox (R, 4) float32 x_min y_min x_max y_max 0-based, label (R,) int64 0..n_fg-1,
-difficult (R,) bool, and has class_names.
+difficult (R,) bool (every object, difficult ones flagged), and has class_names,
+get_annotation(i), image_path(i) and image_size(i).
 """
 import bisect
+import warnings
 from pathlib import Path
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from data.toy import toy_dataset_dir
-from data.util import flip_bbox, normalize, resize_bbox, resize_image
+from data.util import DataError, flip_bbox, normalize, resize_bbox, resize_image, size_problem
 from data.voc_dataset import VOC_BBOX_LABEL_NAMES, VOCBboxDataset
 
 
@@ -26,15 +28,18 @@ class TrainDataset(Dataset):
 
     Sample i: image (3, H', W') float32 normalised, bbox (R, 4) float32 in resized pixels,
     label (R,) int64 0..n_fg-1, scale float (resized / original size).
+    Difficult objects are dropped unless use_difficult (the paper trains without them).
     The flip of sample i is drawn from (seed, epoch, i) alone, so DataLoader workers and a
     resumed run see the same flips; call set_epoch at the start of each epoch.
     """
 
-    def __init__(self, bbox_dataset, min_size, max_size, normalization, flip=True, seed=0):
+    def __init__(self, bbox_dataset, min_size, max_size, normalization, flip=True, seed=0,
+                 use_difficult=False):
         normalize(torch.zeros(3, 1, 1), normalization)  # fail now on an unknown mode
         self.bbox_dataset, self.class_names = bbox_dataset, _class_names(bbox_dataset)
         self.min_size, self.max_size, self.normalization = min_size, max_size, normalization
         self.flip, self.seed, self.epoch = flip, seed, 0
+        self.use_difficult = use_difficult
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -43,7 +48,9 @@ class TrainDataset(Dataset):
         return len(self.bbox_dataset)
 
     def __getitem__(self, i):
-        image, bbox, label, _ = self.bbox_dataset[i]
+        image, bbox, label, difficult = self.bbox_dataset[i]
+        if not self.use_difficult:
+            bbox, label = bbox[~difficult], label[~difficult]
         in_size = image.shape[1:]
         image, scale = resize_image(image, self.min_size, self.max_size)
         bbox = resize_bbox(bbox, in_size, image.shape[1:])
@@ -107,12 +114,16 @@ class _Union(ConcatDataset):
         dataset, j = self._locate(i)
         return dataset.image_path(j)
 
+    def image_size(self, i):
+        dataset, j = self._locate(i)
+        return dataset.image_size(j)
+
 
 DATASETS = ('voc07', 'voc0712', 'custom', 'toy')
 
 
-def build_bbox_dataset(name, data_dir, split, class_names=None, use_difficult=False,
-                       skip_bad=False):
+def build_bbox_dataset(name, data_dir, split, class_names=None, skip_bad=False,
+                       check_images=False):
     """The bbox dataset `name` (one of DATASETS) for split.
 
     voc07: data_dir is a VOCdevkit folder holding VOC2007/, or VOC2007/ itself.
@@ -121,12 +132,13 @@ def build_bbox_dataset(name, data_dir, split, class_names=None, use_difficult=Fa
     custom: a VOC-format folder (see data.voc_dataset), classes discovered unless given.
     toy: the synthetic dataset at data_dir (None: the cached default, generated once).
     voc07 and voc0712 have the 20 VOC classes unless class_names is given.
+    skip_bad, check_images: see VOCBboxDataset.
     """
     if name not in DATASETS:
         raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(DATASETS)}')
     if name in ('voc07', 'voc0712'):
         class_names = class_names or VOC_BBOX_LABEL_NAMES
-    options = dict(class_names=class_names, use_difficult=use_difficult, skip_bad=skip_bad)
+    options = dict(class_names=class_names, skip_bad=skip_bad, check_images=check_images)
     if name == 'toy' and data_dir is None:
         data_dir = toy_dataset_dir()
     if data_dir is None:
@@ -139,3 +151,21 @@ def build_bbox_dataset(name, data_dir, split, class_names=None, use_difficult=Fa
         years = ('VOC2007',) if split == 'test' else ('VOC2007', 'VOC2012')
         return _Union([VOCBboxDataset(data_dir / year, split, **options) for year in years])
     return VOCBboxDataset(data_dir, split, **options)  # custom, toy
+
+
+def usable_indices(bbox_dataset, min_size, max_size, min_side, stride, skip_bad=False):
+    """Indices of the samples whose image the detector can use (see data.util.size_problem).
+
+    An unusable image raises DataError naming it, or with skip_bad is left out with a warning.
+    """
+    keep = []
+    for i in range(len(bbox_dataset)):
+        problem = size_problem(bbox_dataset.image_size(i), min_size, max_size, min_side, stride)
+        if problem is None:
+            keep.append(i)
+            continue
+        message = f'{bbox_dataset.image_path(i)}: the image {problem}'
+        if not skip_bad:
+            raise DataError(f'{message} (or pass --skip-bad to leave it out)')
+        warnings.warn(f'skipping: {message}', stacklevel=2)
+    return keep

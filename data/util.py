@@ -34,6 +34,14 @@ def read_image(path):
     return torch.from_numpy(array).permute(2, 0, 1).contiguous().float()  # (3, H, W)
 
 
+def resized_size(size, min_size, max_size):
+    """The (H, W) an image of size (H, W) gets from resize_image, and the scale factor:
+    the short side becomes min_size, unless the long side would then exceed max_size."""
+    height, width = size
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return (round(height * scale), round(width * scale)), scale
+
+
 def resize_image(img, min_size, max_size):
     """Resize so the short side is min_size, unless the long side would exceed max_size.
 
@@ -41,12 +49,29 @@ def resize_image(img, min_size, max_size):
     scale = min(min_size / min(H, W), max_size / max(H, W)). Bilinear with antialiasing, so
     downscaling does not alias.
     """
-    _, height, width = img.shape
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    size = (round(height * scale), round(width * scale))
+    size, scale = resized_size(img.shape[1:], min_size, max_size)
     img = F.interpolate(img[None], size=size, mode='bilinear', align_corners=False,
                         antialias=True)[0]
     return img, scale
+
+
+def size_problem(size, min_size, max_size, min_side, stride):
+    """Why the detector cannot use an image of size (H, W), or None if it can.
+
+    min_side: proposals under this many original pixels are dropped (--rpn-min-size), so a
+    smaller image can never have one. stride: input pixels per feature cell; a resized side
+    under it leaves no feature cell (an image far longer than wide, squeezed by max_size).
+    """
+    height, width = size
+    if min(height, width) < min_side:
+        return (f'is {width}x{height}, smaller than {min_side} px on a side, where every '
+                'proposal would be dropped (--rpn-min-size)')
+    (new_height, new_width), _ = resized_size(size, min_size, max_size)
+    if min(new_height, new_width) < stride:
+        return (f'is {width}x{height}, which --min-size/--max-size resize to '
+                f'{new_width}x{new_height}, thinner than one {stride}-px feature cell; '
+                'crop it into squarer pieces or raise --max-size')
+    return None
 
 
 def resize_bbox(bbox, in_size, out_size):

@@ -4,18 +4,26 @@ Two layouts are read:
 1. a VOCdevkit year folder: Annotations/<id>.xml, JPEGImages/, ImageSets/Main/<split>.txt;
 2. a VOC-format folder as labelImg writes it: XML files in data_dir/Annotations/ or directly in
    data_dir, each naming its image in <filename>; the image is looked up next to the XML, then
-   in data_dir/JPEGImages/, data_dir/images/ and data_dir/Images/. Without
-   ImageSets/Main/<split>.txt the split is a deterministic 80/20 hash of the ids.
+   in data_dir/JPEGImages/ and data_dir/images/. Without ImageSets/Main/<split>.txt the split
+   is a deterministic 80/20 hash of the ids.
+Every folder and file name is matched in any case, as public VOC-format datasets come in any
+(annotations/, Images/, a.XML, IMG_1.JPG for <filename>IMG_1.jpg</filename>); a name in its
+exact case wins when both exist. Image files are .jpg, .jpeg or .png in any case. Ids are the
+XML file stems as written on disk.
 """
 import hashlib
 import math
+import os
 import re
 import warnings
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PureWindowsPath
 
+import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from data.util import DataError, read_image
 
@@ -25,11 +33,52 @@ VOC_BBOX_LABEL_NAMES = (
     'train', 'tvmonitor')
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-IMAGE_FOLDERS = ('JPEGImages', 'images', 'Images')
+IMAGE_FOLDERS = ('JPEGImages', 'images')
 # Without an ImageSets file: split name -> which half of the hash split it reads.
 HASH_SPLITS = {'trainval': 'train', 'train': 'train', 'test': 'test', 'val': 'test'}
 LAYOUT = ('expected a VOC year folder (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt) '
-          'or a folder of VOC-format XML files (in it or in its Annotations/) with their images')
+          'or a folder of VOC-format XML files (in it or in its Annotations/) with their images; '
+          'folder and file names in any case')
+
+
+class _Folders:
+    """Case-insensitive lookup of names in folders. Each folder is listed once (one listdir,
+    not an is_file() call per candidate name), so a 16k-image folder indexes in seconds."""
+
+    def __init__(self):
+        self._names = {}  # folder -> {lowercase name: [names in that folder, sorted]}
+
+    def _listing(self, folder):
+        if folder not in self._names:
+            names = {}
+            for name in sorted(os.listdir(folder)) if folder.is_dir() else ():
+                names.setdefault(name.lower(), []).append(name)
+            self._names[folder] = names
+        return self._names[folder]
+
+    def find(self, folder, name):
+        """folder/name as on disk: in name's exact case when it exists, else in any case (the
+        first in sorted order, so the choice is stable); None when there is none."""
+        names = self._listing(folder).get(name.lower())
+        if not names:
+            return None
+        return folder / (name if name in names else names[0])
+
+    def subfolder(self, folder, name):
+        """folder/name in any case when it is a folder, else None."""
+        path = self.find(folder, name)
+        return path if path is not None and path.is_dir() else None
+
+    def files(self, folder, extension):
+        """{stem: path} of folder's files with extension ('.xml') in any case; of a.xml and
+        a.XML, the exact case wins."""
+        by_stem = {}
+        for names in self._listing(folder).values():
+            for name in names:
+                stem, suffix = os.path.splitext(name)
+                if suffix == extension or (suffix.lower() == extension and stem not in by_stem):
+                    by_stem[stem] = folder / name
+        return by_stem
 
 
 def _hash_split(ids, split):
@@ -39,7 +88,7 @@ def _hash_split(ids, split):
 
 
 def _parse_xml(path):
-    """-> (<filename> or None, (H, W) from <size> or None, objects), objects a list of
+    """-> (<filename> or None, objects), objects a list of
     (name, [x_min, y_min, x_max, y_max] made 0-based, difficult)."""
     if not path.is_file():
         raise DataError(f'{path}: annotation file not found')
@@ -47,11 +96,6 @@ def _parse_xml(path):
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError, ValueError, LookupError) as e:
         raise DataError(f'{path}: malformed XML ({e})') from e
-    try:
-        size = (int(root.findtext('size/height')), int(root.findtext('size/width')))
-        size = size if min(size) > 0 else None  # labelImg writes 0 x 0 when it did not know
-    except (TypeError, ValueError):
-        size = None  # no usable <size>: boxes are checked against the image when it is read
     objects = []
     for obj in root.findall('object'):
         name = (obj.findtext('name') or '').strip()
@@ -66,95 +110,137 @@ def _parse_xml(path):
             raise DataError(f'{path}: object {name!r} has a missing or non-numeric <bndbox> '
                             '(needs numbers xmin, ymin, xmax, ymax)')
         objects.append((name, box, (obj.findtext('difficult') or '0').strip() == '1'))
-    return root.findtext('filename'), size, objects
+    return root.findtext('filename'), objects
 
 
-def _clip(bbox, label, difficult, size, path):
-    """Clip (R, 4) boxes to an image of size (H, W) (None: no clipping); drop empty boxes."""
-    if size is not None:
-        clipped = torch.stack([bbox[:, 0].clamp(0, size[1]), bbox[:, 1].clamp(0, size[0]),
-                               bbox[:, 2].clamp(0, size[1]), bbox[:, 3].clamp(0, size[0])], 1)
-        for box in bbox[(clipped != bbox).any(1)].tolist():
-            warnings.warn(f'{path}: box {box} reaches outside the {size[0]}x{size[1]} image; '
-                          'clipped', stacklevel=3)
-        bbox = clipped
-    keep = (bbox[:, 2] > bbox[:, 0]) & (bbox[:, 3] > bbox[:, 1])
-    for box in bbox[~keep].tolist():
+def _image_size(path):
+    """(H, W) of an image file, read from its header alone (no pixels are decoded)."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except Exception as e:  # PIL raises many types for bad files; all mean "bad file"
+        raise DataError(f'{path}: cannot read image ({type(e).__name__}: {e})') from e
+
+
+def _decode(path):
+    """Decode every pixel of an image file: -> path, or DataError naming it when that fails."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # unlike verify(), this decodes the pixels, so truncated files fail too
+    except Exception as e:  # PIL raises many types for corrupt data; all mean "bad file"
+        raise DataError(f'{path}: corrupt image ({type(e).__name__}: {e})') from e
+    return path
+
+
+def _clip(bbox, size, path):
+    """(R, 4) float32 NumPy boxes clipped to an image of size (H, W), and the (R,) bool mask of
+    those that are not empty. NumPy rather than torch: its overhead on such tiny arrays is a
+    tenth, which is seconds at construction for 16k images."""
+    height, width = size
+    clipped = np.clip(bbox, 0, np.array([width, height, width, height], np.float32))
+    for box in bbox[(clipped != bbox).any(1)].tolist():
+        warnings.warn(f'{path}: box {box} reaches outside the {width}x{height} image; clipped',
+                      stacklevel=4)
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    for box in clipped[~keep].tolist():
         warnings.warn(f'{path}: box {box} is empty (x_max <= x_min or y_max <= y_min); dropped',
-                      stacklevel=3)
-    return bbox[keep], label[keep], difficult[keep]
+                      stacklevel=4)
+    return clipped, keep
 
 
 class VOCBboxDataset:
     """Boxes and labels of a VOC or VOC-format folder (see the module docstring for layouts).
 
-    All annotations of the split are parsed at construction. Sample i is
-    image (3, H, W) float32 RGB 0..255, bbox (R, 4) float32 x_min y_min x_max y_max 0-based,
-    label (R,) int64 index into class_names, difficult (R,) bool.
+    All annotations of the split are parsed, and every image's size read from its header, at
+    construction. Sample i is image (3, H, W) float32 RGB 0..255, bbox (R, 4) float32 x_min
+    y_min x_max y_max 0-based, clipped to the image, label (R,) int64 index into class_names,
+    difficult (R,) bool. Every object is returned, difficult ones with their flag set: whoever
+    trains drops them, evaluation ignores them.
 
     class_names: None discovers them (sorted unique object names of all XML files of the folder,
     whatever the split) except for a VOC20xx folder, which gets VOC_BBOX_LABEL_NAMES.
-    use_difficult: keep difficult objects (evaluation) or drop them (training).
-    skip_bad: skip files with bad data (also verifying image content) with a warning each,
-    instead of raising DataError.
+    skip_bad: skip this split's samples with bad data (XML, missing or unreadable image), with a
+    warning each, instead of raising DataError; self.skipped lists their XML paths.
+    check_images: decode every image fully at construction, so that a corrupt or truncated
+    image fails now (raised, or skipped with skip_bad) rather than hours into training.
     """
 
-    def __init__(self, data_dir, split='trainval', class_names=None, use_difficult=False,
-                 skip_bad=False):
+    def __init__(self, data_dir, split='trainval', class_names=None, skip_bad=False,
+                 check_images=False):
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise DataError(f'{data_dir}: dataset folder not found; {LAYOUT}')
-        ann_dir = data_dir / 'Annotations' if (data_dir / 'Annotations').is_dir() else data_dir
-        all_ids = sorted(p.stem for p in ann_dir.glob('*.xml'))
-        if not all_ids:
+        folders = _Folders()
+        ann_dir = folders.subfolder(data_dir, 'Annotations') or data_dir
+        xml_paths = folders.files(ann_dir, '.xml')  # id -> path
+        if not xml_paths:
             raise DataError(f'{data_dir}: no annotation XML files found; {LAYOUT}')
-        ids = self._split_ids(data_dir, split, all_ids)
+        ids = self._split_ids(data_dir, split, sorted(xml_paths), folders)
+        xml_paths = {i: xml_paths.get(i, ann_dir / f'{i}.xml') for i in set(xml_paths) | set(ids)}
         is_voc = re.fullmatch(r'VOC20\d\d', data_dir.resolve().name) is not None
         discover = class_names is None and not is_voc
-
         self.skipped = []
-
-        def guarded(function, *args):  # raise, or warn and note the file when skip_bad
-            try:
-                return function(*args)
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                warnings.warn(f'skipping: {e}', stacklevel=3)
-                self.skipped.append(args[0])
-
-        parsed = {}
-        for i in all_ids if discover else ids:
-            record = guarded(_parse_xml, ann_dir / f'{i}.xml')
-            if record is not None:
-                parsed[i] = record
+        records = self._parse(xml_paths, ids, discover, skip_bad)
         if discover:
-            class_names = sorted({obj[0] for _, _, objects in parsed.values() for obj in objects})
+            class_names = sorted({obj[0] for _, objects in records.values() for obj in objects})
             if not class_names:
                 raise DataError(f'{data_dir}: no objects in any XML file; pass class_names')
         self.class_names = tuple(VOC_BBOX_LABEL_NAMES if class_names is None else class_names)
 
-        self.ids, self._samples = [], []
-        for i in ids:
-            if i in parsed:
-                sample = guarded(self._sample, ann_dir / f'{i}.xml', parsed[i], data_dir,
-                                 use_difficult, skip_bad)
-                if sample is not None:
-                    self.ids.append(i)
-                    self._samples.append(sample)
+        image_dirs = [folders.subfolder(data_dir, name) for name in IMAGE_FOLDERS]
+        image_dirs = [ann_dir] + [folder for folder in image_dirs if folder is not None]
+        samples = {i: self._guarded(skip_bad, xml_paths[i], self._sample, xml_paths[i],
+                                    records[i], data_dir, image_dirs, folders)
+                   for i in ids if i in records}
+        samples = {i: sample for i, sample in samples.items() if sample is not None}
+        if check_images:
+            samples = self._check_images(samples, xml_paths, skip_bad)
+        self.ids, self._samples = list(samples), list(samples.values())
         if self.skipped:
-            warnings.warn(f'{data_dir}: skipped {len(self.skipped)} bad files', stacklevel=2)
+            warnings.warn(f'{data_dir}: skipped {len(self.skipped)} bad files of split {split!r}',
+                          stacklevel=2)
         if not self.ids:
             raise DataError(f'{data_dir}: split {split!r} has no samples')
 
+    def _guarded(self, skip_bad, xml_path, function, *args):
+        """function(*args); on DataError raise, or with skip_bad warn, note xml_path in
+        self.skipped and return None."""
+        try:
+            return function(*args)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            warnings.warn(f'skipping: {e}', stacklevel=3)
+            self.skipped.append(xml_path)
+            return None
+
+    def _parse(self, xml_paths, ids, discover, skip_bad):
+        """{id: parsed XML} of the split's ids, and with discover of every XML file: class
+        discovery reads all splits. A bad file of another split is its own split's to report:
+        it raises without skip_bad and is passed over silently with it."""
+        records = {}
+        for i in ids:
+            record = self._guarded(skip_bad, xml_paths[i], _parse_xml, xml_paths[i])
+            if record is not None:
+                records[i] = record
+        for i in sorted(set(xml_paths) - set(ids)) if discover else ():
+            try:
+                records[i] = _parse_xml(xml_paths[i])
+            except DataError:
+                if not skip_bad:
+                    raise
+        return records
+
     @staticmethod
-    def _split_ids(data_dir, split, all_ids):
-        split_dir = data_dir / 'ImageSets' / 'Main'
-        if split_dir.is_dir():
-            split_file = split_dir / f'{split}.txt'
-            if not split_file.is_file():
-                valid = sorted(p.stem for p in split_dir.glob('*.txt'))
-                raise DataError(f'{split_file}: split file not found; splits there: {valid}')
+    def _split_ids(data_dir, split, all_ids, folders):
+        split_dir = folders.subfolder(data_dir, 'ImageSets')
+        split_dir = split_dir and folders.subfolder(split_dir, 'Main')
+        if split_dir is not None:
+            split_file = folders.find(split_dir, f'{split}.txt')
+            if split_file is None:
+                valid = sorted(folders.files(split_dir, '.txt'))
+                raise DataError(f'{split_dir / f"{split}.txt"}: split file not found; splits '
+                                f'there: {valid}')
             return [line.split()[0] for line in split_file.read_text().splitlines()
                     if line.strip()]
         if split not in HASH_SPLITS:
@@ -162,52 +248,66 @@ class VOCBboxDataset:
                             f'ImageSets/Main/; valid: {", ".join(HASH_SPLITS)}')
         return _hash_split(all_ids, split)
 
-    def _sample(self, xml_path, record, data_dir, use_difficult, verify_image):
-        """-> (image path, (H, W) or None, bbox, label, difficult) of one annotation file."""
-        filename, size, objects = record
-        image_path = self._find_image(xml_path, filename, data_dir)
-        if verify_image:
-            try:
-                with Image.open(image_path) as img:
-                    img.verify()
-            except Exception as e:  # PIL raises many types for corrupt data
-                raise DataError(f'{image_path}: corrupt image ({e})') from e
+    def _sample(self, xml_path, record, data_dir, image_dirs, folders):
+        """-> (image path, (H, W), bbox, label, difficult) of one annotation file, the boxes
+        clipped to the image's real size."""
+        filename, objects = record
         unknown = sorted({name for name, _, _ in objects} - set(self.class_names))
         if unknown:
             raise DataError(f'{xml_path}: unknown class names {unknown}; '
                             f'valid: {", ".join(self.class_names)}')
-        objects = [obj for obj in objects if use_difficult or not obj[2]]
-        bbox = torch.tensor([box for _, box, _ in objects], dtype=torch.float32).reshape(-1, 4)
-        label = torch.tensor([self.class_names.index(name) for name, _, _ in objects],
-                             dtype=torch.int64)
-        difficult = torch.tensor([d for _, _, d in objects], dtype=torch.bool)
-        return (image_path, size) + _clip(bbox, label, difficult, size, xml_path)
+        image_path = self._find_image(xml_path, filename, data_dir, image_dirs, folders)
+        size = _image_size(image_path)
+        bbox = np.array([box for _, box, _ in objects], np.float32).reshape(-1, 4)
+        bbox, keep = _clip(bbox, size, xml_path)
+        label = np.array([self.class_names.index(name) for name, _, _ in objects], np.int64)
+        difficult = np.array([d for _, _, d in objects], bool)
+        return (image_path, size) + tuple(torch.from_numpy(a[keep])
+                                          for a in (bbox, label, difficult))
 
     @staticmethod
-    def _find_image(xml_path, filename, data_dir):
+    def _find_image(xml_path, filename, data_dir, image_dirs, folders):
+        """The image of an XML file: <filename> (or the XML's stem) with any image extension,
+        in any case, in image_dirs in order."""
         name = PureWindowsPath(filename or '').name  # also drops "C:\...\" or "a/b/" prefixes
         names = [name] if Path(name).suffix else [name + ext for ext in IMAGE_EXTENSIONS]
         names += [xml_path.stem + ext for ext in IMAGE_EXTENSIONS]  # renamed or no <filename>
-        folders = [xml_path.parent] + [data_dir / f for f in IMAGE_FOLDERS]
-        for candidate in (folder / n for folder in folders for n in names if n):
-            if candidate.is_file():
-                return candidate
+        for folder in image_dirs:
+            for candidate in dict.fromkeys(names):  # each name once, in order
+                path = folders.find(folder, candidate) if candidate else None
+                if path is not None:
+                    return path
         raise DataError(f'{xml_path}: image {filename!r} not found next to it or in '
-                        f'{data_dir}/{{{",".join(IMAGE_FOLDERS)}}}')
+                        f'{data_dir}/{{{",".join(IMAGE_FOLDERS)}}} (names in any case)')
+
+    def _check_images(self, samples, xml_paths, skip_bad):
+        """samples less those whose image does not decode. Threads, as PIL releases the GIL
+        while decoding: one per core, at most 8, each holding one decoded image in memory."""
+        pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
+        try:
+            futures = {i: pool.submit(_decode, sample[0]) for i, sample in samples.items()}
+            bar = tqdm(futures.items(), desc='checking images', disable=None, leave=False)
+            good = [i for i, future in bar
+                    if self._guarded(skip_bad, xml_paths[i], future.result) is not None]
+        finally:
+            pool.shutdown(cancel_futures=True)  # on an error, do not decode the rest first
+        return {i: samples[i] for i in good}
 
     def __len__(self):
         return len(self.ids)
 
     def image_path(self, i):
+        """Path of sample i's image file."""
         return self._samples[i][0]
+
+    def image_size(self, i):
+        """(H, W) ints: the real size of sample i's image, read from its file at construction."""
+        return self._samples[i][1]
 
     def get_annotation(self, i):
         """(bbox, label, difficult) of sample i without reading its image."""
         return self._samples[i][2:]
 
     def __getitem__(self, i):
-        image_path, size, bbox, label, difficult = self._samples[i]
-        image = read_image(image_path)
-        if size != tuple(image.shape[1:]):  # <size> missing or wrong: clip to the real image
-            bbox, label, difficult = _clip(bbox, label, difficult, image.shape[1:], image_path)
-        return image, bbox, label, difficult
+        image_path, _, bbox, label, difficult = self._samples[i]
+        return read_image(image_path), bbox, label, difficult

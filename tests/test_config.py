@@ -1,6 +1,8 @@
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from utils.config import Config
 
@@ -37,7 +39,7 @@ def test_fire_lists_become_tuples():
     (dict(dataset='coco'), "--dataset='coco' is not valid; choose one of voc07, voc0712"),
     (dict(device='tpu'), '--device'),
     (dict(optimizer='rmsprop'), '--optimizer'),
-    (dict(rpn_pos_ratio=1.5), r'--rpn_pos_ratio must be in \(0, 1\]'),
+    (dict(rpn_pos_ratio=1.5), r'--rpn-pos-ratio must be in \(0, 1\]'),
     (dict(anchor_scales=[0, 4]), 'must be positive numbers'),
     (dict(dataset='voc07'), '--dataset=voc07 needs --voc-data-dir'),
     (dict(dataset='custom', voc_data_dir='/no/such/folder'), "no folder at '/no/such/folder'"),
@@ -52,7 +54,81 @@ def test_detect_does_not_need_the_data_folder():
     assert cfg.voc_data_dir == '/gone'
 
 
-def test_save_round_trip(tmp_path):
+def test_json_round_trip():
     cfg = Config.from_kwargs(lr=0.005, anchor_scales=[4, 8])
-    cfg.save(tmp_path / 'config.json')
-    assert Config.from_kwargs(**json.loads((tmp_path / 'config.json').read_text())) == cfg
+    saved = json.loads(json.dumps(cfg.to_dict()))  # as config.json holds it: tuples are lists
+    assert Config.from_kwargs(**saved) == cfg
+
+
+def test_weights_select_their_backbone():
+    """The reference port's `train --caffe-pretrain` trains VGG16 from the caffe weights, also
+    on the toy dataset whose own default is the small extractor."""
+    cfg = Config(caffe_pretrain=True)
+    assert (cfg.extractor, cfg.normalization, cfg.lr) == ('vgg16', 'caffe', 1e-3)
+    cfg = Config(pretrained_path='w.pth')
+    assert (cfg.extractor, cfg.normalization) == ('vgg16', 'torchvision')
+    assert Config().extractor == 'small' and Config().lr == 0.01
+    for weights in (dict(caffe_pretrain=True), dict(pretrained_path='w.pth')):
+        with pytest.raises(ValueError, match='holds VGG16 weights, but --extractor=small'):
+            Config(extractor='small', **weights)
+
+
+@pytest.mark.parametrize('word, value', [
+    ('false', False), ('False', False), ('NO', False), ('0', False), (0, False), ('off', False),
+    ('true', True), ('Yes', True), ('1', True), (1, True), (True, True), ('ON', True)])
+def test_booleans_from_the_command_line(word, value):
+    cfg = Config.from_kwargs(skip_bad=word, visdom=word, amp=word, use_difficult=word)
+    assert cfg.skip_bad is cfg.visdom is cfg.amp is cfg.use_difficult is value
+
+
+def test_numbers_and_lists_from_the_command_line():
+    cfg = Config.from_kwargs(epochs=3.0, lr='2e-3', n_train_pre_nms=1e3, class_names='cat,dog',
+                             run_name=2007, lr_milestones='4,6')
+    assert cfg.epochs == 3 and isinstance(cfg.epochs, int) and cfg.lr == 0.002
+    assert cfg.n_train_pre_nms == 1000 and isinstance(cfg.n_train_pre_nms, int)
+    assert cfg.class_names == ('cat', 'dog') and cfg.run_name == '2007'
+    assert cfg.lr_milestones == (4, 6)
+    assert Config.from_kwargs(class_names=['cat']).class_names == ('cat',)
+    assert Config.from_kwargs(run_name=None, n_val_images='None').n_val_images is None
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(epochs=1.5), r"--epochs=1\.5 is not a whole number"),
+    (dict(epochs='abc'), r"--epochs='abc' is not a whole number"),
+    (dict(epochs=True), r'--epochs=True is not a whole number'),
+    (dict(lr='fast'), r"--lr='fast' is not a number"),
+    (dict(lr=float('nan')), r'--lr=nan is not a number'),
+    (dict(amp='maybe'), r"--amp='maybe' is not a boolean; use true or false"),
+    (dict(skip_bad=2), r'--skip-bad=2 is not a boolean'),
+    (dict(lr_milestones=[4, 'x']), r"--lr-milestones='x' is not a whole number"),
+    (dict(run_name=True), r'--run-name needs a value'),
+    (dict(seed=[1, 2]), r'--seed=\[1, 2\]: expected one value, not a list'),
+    (dict(class_names='a,b,a'), r"--class-names=\['a', 'b', 'a'\] names a class twice"),
+    (dict(class_names=[]), r'--class-names needs at least one value'),
+    (dict(test_n_images=0), r'--test-n-images must be positive'),
+    (dict(visdom_port=70000), r'--visdom-port must be in 1\.\.65535'),
+])
+def test_bad_values_name_the_option_and_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Config.from_kwargs(**kwargs)
+
+
+@given(st.one_of(st.text(max_size=6), st.floats(allow_nan=True), st.integers(-3, 3),
+                 st.booleans(), st.none()))
+def test_any_value_is_typed_or_refused_by_name(value):
+    """Whatever fire hands over, an int option ends up an int or the error names it."""
+    try:
+        cfg = Config.from_kwargs(epochs=value)
+    except ValueError as e:
+        assert str(e).startswith('--epochs')
+    else:
+        assert type(cfg.epochs) is int and cfg.epochs > 0
+
+
+def test_validation_hold_out_scales_with_the_split():
+    cfg = Config()
+    assert [cfg.n_val(n) for n in (4, 20, 300, 5011, 16551)] == [0, 2, 30, 300, 300]
+    assert Config(n_val_images=0).n_val(50) == 0 and Config(n_val_images=25).n_val(50) == 25
+    with pytest.raises(ValueError, match=r'--n-val-images=300 would hold out more than half of '
+                                         r'the 250 images .* use --n-val-images=25 \(10%\) or 0'):
+        Config(n_val_images=300).n_val(250)

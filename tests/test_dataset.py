@@ -9,6 +9,7 @@ from data.dataset import (
     build_bbox_dataset,
     collate_test,
     collate_train,
+    usable_indices,
 )
 from data.util import DataError, denormalize, resize_image
 
@@ -71,6 +72,49 @@ def test_flips_depend_on_seed_epoch_index_only():
     assert [_flips(other, epoch) for epoch in range(4)] != flips
     never = TrainDataset(FakeBboxDataset(), 40, 1000, 'caffe', flip=False)
     assert not any(sum((_flips(never, epoch) for epoch in range(4)), []))
+
+
+class DifficultBboxDataset(FakeBboxDataset):
+    """FakeBboxDataset with a second, difficult object of label 1 in each image."""
+
+    def __getitem__(self, i):
+        image, bbox, _, _ = super().__getitem__(i)
+        return (image, torch.cat([bbox, bbox + 2]), torch.tensor([0, 1]),
+                torch.tensor([False, True]))
+
+
+def test_train_dataset_drops_difficult_objects_unless_asked():
+    _, bbox, label, _ = TrainDataset(DifficultBboxDataset(), 40, 1000, 'caffe', flip=False)[0]
+    assert label.tolist() == [0] and bbox.tolist() == [[10, 5, 30, 25]]
+    _, bbox, label, _ = TrainDataset(DifficultBboxDataset(), 40, 1000, 'caffe', flip=False,
+                                     use_difficult=True)[0]
+    assert label.tolist() == [0, 1] and bbox.tolist() == [[10, 5, 30, 25], [12, 7, 32, 27]]
+
+
+class SizedBboxDataset:
+    """Only sizes and paths: image i has size sizes[i] and path img<i>.jpg."""
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def image_size(self, i):
+        return self.sizes[i]
+
+    def image_path(self, i):
+        return f'img{i}.jpg'
+
+
+def test_usable_indices_refuses_or_skips_by_name():
+    dataset = SizedBboxDataset([(375, 500), (1, 1), (480, 640), (100, 10000)])
+    with pytest.raises(DataError, match=r'img1\.jpg: the image is 1x1, .*--skip-bad'):
+        usable_indices(dataset, 600, 1000, 16, 16)
+    with pytest.warns(UserWarning) as record:
+        assert usable_indices(dataset, 600, 1000, 16, 16, skip_bad=True) == [0, 2]
+    assert [str(w.message).split(':')[:2] for w in record] == [
+        ['skipping', ' img1.jpg'], ['skipping', ' img3.jpg']]
 
 
 def test_train_dataset_bad_normalization():
@@ -142,7 +186,7 @@ def test_build_custom_and_toy(tmp_path, toy_root, monkeypatch):
     assert build_bbox_dataset('custom', tmp_path / 'mine', 'test').class_names == ('widget',)
     with pytest.raises(DataError, match=r"unknown class names \['widget'\]; valid: aeroplane"):
         build_bbox_dataset('voc07', tmp_path / 'mine', 'test')  # VOC classes, whatever the name
-    toy = build_bbox_dataset('toy', toy_root, 'test', use_difficult=True)
+    toy = build_bbox_dataset('toy', toy_root, 'test')
     assert toy.class_names == ('circle', 'square', 'triangle') and len(toy) == 20
     monkeypatch.setattr('data.dataset.toy_dataset_dir', lambda: toy_root)
     assert build_bbox_dataset('toy', None, 'trainval').ids == [f'{k:06d}' for k in range(1, 61)]

@@ -61,7 +61,7 @@ def test_toy_dataset_dir(tmp_path, monkeypatch):
 def test_loads_as_voc(toy_root):
     annotations, n_images = [], 0
     for split, size in (('trainval', 60), ('test', 20)):
-        dataset = VOCBboxDataset(toy_root, split, use_difficult=True)
+        dataset = VOCBboxDataset(toy_root, split)
         assert dataset.class_names == toy.CLASS_NAMES and len(dataset) == size
         for i in range(len(dataset)):
             image, bbox, label, difficult = dataset[i]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_run_options
+from PIL import Image
 
 import trainer
 from train import detect, load_model, train
@@ -57,13 +58,14 @@ def test_killed_save_leaves_previous_checkpoint_loadable(trained_run, tmp_path, 
     trainer.save_checkpoint(good, path)
 
     def dies_midway(obj, f):
-        Path(f).write_bytes(b'half a checkpoint')
+        f.write(b'half a checkpoint')
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer.torch, 'save', dies_midway)
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint(good, path)
     assert load_checkpoint(path)['step'] == good['step']
+    assert not Path(f'{path}.tmp').exists()
 
 
 def test_broken_checkpoint_errors_name_the_file(tmp_path):
@@ -87,8 +89,10 @@ def test_non_finite_loss_stops_with_step_and_losses(toy_root, tmp_path, monkeypa
         return loss * float('nan') if len(calls) > 2 * 56 + 6 else loss
 
     monkeypatch.setattr(trainer, 'smooth_l1_loss', nan_after_first_epoch)
-    with pytest.raises(SystemExit, match=r'non-finite loss at step 59: rpn_loc_loss=nan, '
-                                         r'rpn_cls_loss=[\d.]+, roi_loc_loss=nan'):
+    # The 113th call is the first of step 57 (two per step): the first step of epoch 2.
+    with pytest.raises(SystemExit, match=r'non-finite loss at step 60: rpn_loc_loss=nan, '
+                                         r'rpn_cls_loss=[\d.]+, roi_loc_loss=nan.*; training '
+                                         r'stopped, .*last.pt \(epoch 1\) is kept'):
         train(**tiny_run_options(toy_root, tmp_path, epochs=2))
     state = load_checkpoint(tmp_path / 'run' / 'last.pt')
     assert state['epoch'] == 0 and state['step'] == 56
@@ -111,11 +115,13 @@ def test_detect_writes_images_and_json(trained_run, toy_root, tmp_path):
            preset='evaluate')
     result = json.loads((tmp_path / 'det' / 'detections.json').read_text())
     assert [r['image'] for r in result] == list(map(str, images))
-    for r in result:
+    for r, path in zip(result, images, strict=True):
         for d in r['detections']:
             assert d['label'] in ('circle', 'square', 'triangle') and 0.05 < d['score'] <= 1
             assert len(d['bbox']) == 4
-    assert all((tmp_path / 'det' / f'{p.stem}.png').stat().st_size > 0 for p in images)
+        assert r['output'] == f'{path.stem}.png'
+        with Image.open(tmp_path / 'det' / r['output']) as drawn, Image.open(path) as original:
+            assert drawn.size == original.size  # the image at its own size, no plot around it
 
 
 def test_load_model_refuses_unknown_option(trained_run):

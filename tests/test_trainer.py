@@ -53,3 +53,42 @@ def test_bad_targets_are_refused_at_the_entry(box, label, message):
         check_targets([torch.tensor([box], dtype=torch.float32)], [torch.tensor([label])],
                       [(80, 100)], 3)
     check_targets([torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.int64)], [(80, 100)], 3)
+
+
+def test_seed_all_seeds_python_numpy_and_torch():
+    import random
+
+    import numpy as np
+
+    from trainer import seed_all
+    seed_all(7)
+    first = (random.random(), np.random.rand(), torch.rand(()).item())
+    seed_all(7)
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == first
+    seed_all(8)
+    assert random.random() != first[0] and np.random.rand() != first[1]
+
+
+@pytest.mark.filterwarnings('ignore:Detected call of')
+def test_apply_options_puts_new_solver_options_into_a_loaded_state():
+    """What --resume does: options in the Config win over the loaded optimizer's; unchanged
+    ones give back exactly the values the schedule reached (two milestones passed)."""
+    cfg = Config(lr=0.01, lr_milestones=(1, 2), epochs=4, lr_decay=0.3)
+    trained = FasterRCNNTrainer(build_faster_rcnn(3, 'small'), cfg)
+    for _ in range(3):
+        trained.scheduler.step()
+    state = {**trained.state_dict()}
+    same = FasterRCNNTrainer(build_faster_rcnn(3, 'small'), cfg)
+    same.load_state_dict(state)
+    assert [g['lr'] for g in same.optimizer.param_groups] == [
+        g['lr'] for g in trained.optimizer.param_groups] == [0.01 * 0.3 * 0.3, 0.02 * 0.3 * 0.3]
+
+    changed = Config(lr=0.05, lr_milestones=(2,), epochs=4, momentum=0.5, weight_decay=1e-4)
+    resumed = FasterRCNNTrainer(build_faster_rcnn(3, 'small'), changed)
+    resumed.load_state_dict(state)
+    weights, biases = resumed.optimizer.param_groups
+    assert (weights['lr'], biases['lr']) == (0.05 * 0.1, 0.1 * 0.1)  # milestone 2 passed
+    assert (weights['momentum'], weights['weight_decay'], biases['weight_decay']) == (
+        0.5, 1e-4, 0.0)
+    resumed.scheduler.step()  # the schedule goes on from there
+    assert resumed.scheduler.base_lrs == [0.05, 0.1] and resumed.lr() == 0.05 * 0.1

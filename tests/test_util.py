@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,8 @@ from data.util import (
     read_image,
     resize_bbox,
     resize_image,
+    resized_size,
+    size_problem,
 )
 
 RGB = np.array([[[10, 20, 30], [40, 50, 60]]], dtype=np.uint8)  # (H=1, W=2, 3)
@@ -98,6 +102,30 @@ def test_resize_image_sizes(height, width, size, scale):
     img, got_scale = resize_image(torch.zeros(3, height, width), 600, 1000)
     assert img.shape == (3, *size)
     assert got_scale == pytest.approx(scale)
+
+
+def test_resized_size_is_what_resize_image_makes():
+    for height, width in ((300, 400), (1, 1), (100, 10000), (333, 500)):
+        size, scale = resized_size((height, width), 600, 1000)
+        img, got_scale = resize_image(torch.zeros(3, height, width), 600, 1000)
+        assert tuple(img.shape[1:]) == size and got_scale == scale
+
+
+@pytest.mark.parametrize('size, problem', [
+    ((375, 500), None),
+    ((16, 16), None),  # 16 px: a proposal of the whole image survives --rpn-min-size
+    ((1, 1), r'is 1x1, smaller than 16 px on a side'),
+    ((15, 400), r'is 400x15, smaller than 16 px'),
+    ((100, 10000), r'is 10000x100, which --min-size/--max-size resize to 1000x10, thinner '
+                   r'than one 16-px feature cell'),
+    ((160, 10000), None),  # resized to 1000x16: one feature cell high
+])
+def test_size_problem(size, problem):
+    found = size_problem(size, 600, 1000, min_side=16, stride=16)
+    if problem is None:
+        assert found is None
+    else:
+        assert re.match(problem, found)
 
 
 def test_resize_image_keeps_constant_and_range():

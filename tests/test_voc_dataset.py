@@ -1,5 +1,6 @@
 import hashlib
 import io
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageFile
 
 from data.util import DataError
 from data.voc_dataset import VOC_BBOX_LABEL_NAMES, VOCBboxDataset
@@ -61,21 +62,23 @@ def test_voc_year_folder(voc_dir):
     dataset = VOCBboxDataset(voc_dir, 'trainval')
     assert dataset.class_names == VOC_BBOX_LABEL_NAMES and len(VOC_BBOX_LABEL_NAMES) == 20
     assert dataset.ids == ['000002', '000001', '000003'] and len(dataset) == 3
-    bbox, label, difficult = dataset.get_annotation(1)  # 000001, difficult person dropped
-    assert bbox.dtype == torch.float32 and bbox.tolist() == [[0, 0, 9, 19]]
-    assert label.dtype == torch.int64 and label.tolist() == [VOC_BBOX_LABEL_NAMES.index('dog')]
-    assert difficult.tolist() == [False]
+    bbox, label, difficult = dataset.get_annotation(1)  # 000001, its difficult person kept
+    assert bbox.dtype == torch.float32 and bbox.tolist() == [[0, 0, 9, 19], [4, 5, 29, 39]]
+    assert label.dtype == torch.int64 and label.tolist() == [
+        VOC_BBOX_LABEL_NAMES.index('dog'), VOC_BBOX_LABEL_NAMES.index('person')]
+    assert difficult.dtype == torch.bool and difficult.tolist() == [False, True]
     image, bbox2, label2, difficult2 = dataset[0]
     assert image.shape == (3, 40, 60) and image[:, 5, 5].tolist() == pytest.approx(
         [200, 100, 50], abs=2)
     assert bbox2.tolist() == [[10, 20, 30, 35]] and label2.tolist() == [7]
     assert difficult2.tolist() == [False]  # <difficult> missing -> False
     assert dataset.image_path(0) == voc_dir / 'JPEGImages' / '000002.jpg'
+    assert dataset.image_size(0) == (40, 60)
 
 
-def test_voc_use_difficult_and_empty_image(voc_dir):
-    dataset = VOCBboxDataset(voc_dir, 'trainval', use_difficult=True)
-    bbox, label, difficult = dataset.get_annotation(1)
+def test_voc_difficult_kept_and_empty_image(voc_dir):
+    dataset = VOCBboxDataset(voc_dir, 'trainval')
+    _, bbox, label, difficult = dataset[1]  # 000001: every object, with its difficult flag
     assert bbox.tolist() == [[0, 0, 9, 19], [4, 5, 29, 39]]
     assert label.tolist() == [11, 14] and difficult.tolist() == [False, True]
     image, bbox, label, difficult = dataset[2]  # 000003 has no objects
@@ -165,19 +168,21 @@ def test_clip_and_drop_with_size(tmp_path):
         dataset = _single(tmp_path, _xml('a.jpg', objects))
     messages = [str(w.message) for w in record]
     assert all('a.xml' in m for m in messages) and len(messages) == 4
-    assert sum('clipped' in m for m in messages) == 2  # boxes 0 and 2
+    assert sum('outside the 60x40 image; clipped' in m for m in messages) == 2  # boxes 0, 2
     assert sum('dropped' in m for m in messages) == 2  # boxes 1 and 2
     assert dataset.get_annotation(0)[0].tolist() == [[0, 0, 60, 40]]
 
 
-def test_clip_at_load_without_size(tmp_path):
+@pytest.mark.parametrize('size', [None, (400, 600), (60, 40)])  # absent, wrong, H W swapped
+def test_image_size_and_clipping_from_the_real_image(tmp_path, size):
+    with pytest.warns(UserWarning, match=r'a\.xml: box .* outside the 60x40 image; clipped'):
+        dataset = _single(tmp_path, _xml('a.jpg', [('x', (1, 1, 100, 30), 0)], size=size))
+    assert dataset.image_size(0) == (40, 60) and all(type(n) is int for n in dataset.image_size(0))
+    assert dataset.get_annotation(0)[0].tolist() == [[0, 0, 60, 29]]
     with warnings.catch_warnings():
-        warnings.simplefilter('error')  # nothing to clip against yet
-        dataset = _single(tmp_path, _xml('a.jpg', [('x', (1, 1, 100, 100), 0)], size=None))
-    assert dataset.get_annotation(0)[0].tolist() == [[0, 0, 99, 99]]
-    with pytest.warns(UserWarning, match=r'a\.jpg.*clipped'):
+        warnings.simplefilter('error')  # clipped once, at construction
         _, bbox, label, _ = dataset[0]
-    assert bbox.tolist() == [[0, 0, 60, 40]] and label.tolist() == [0]
+    assert bbox.tolist() == [[0, 0, 60, 29]] and label.tolist() == [0]
 
 
 GOOD_OBJECT = '<object><name>x</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>' \
@@ -214,25 +219,127 @@ def test_missing_folder_or_no_xml(tmp_path):
         VOCBboxDataset(tmp_path)
 
 
-def test_skip_bad(tmp_path):
+def _hash_test_split(image_id):
+    return int(hashlib.sha1(image_id.encode()).hexdigest(), 16) % 5 == 0
+
+
+def test_skip_bad_counts_each_file_once_in_its_split(tmp_path):
     root = _labelimg_dir(tmp_path, n=10)
+    _write(root / 'bad0.xml', '<annotation>')
     _write(root / 'bad1.xml', '<annotation>')
     _write(root / 'bad2.xml', _xml('missing.png', [('apple', (1, 1, 5, 5), 0)]))
     _write(root / 'bad3.xml', _xml('bad3.png', [('apple', (1, 1, 'x', 5), 0)]))
     _write(root / 'bad4.xml', _xml('bad4.png', [('apple', (1, 1, 5, 5), 0)]))
     (root / 'bad4.png').write_bytes(b'\x89PNG\r\n\x1a\n not really')
-    ids = {'trainval': [], 'test': []}
-    for split in ids:
-        with pytest.raises(DataError):
+    _write(root / 'bad7.xml', _xml('missing.png', [('apple', (1, 1, 5, 5), 0)]))
+    bad = {f'bad{k}' for k in (0, 1, 2, 3, 4, 7)}
+    expected = {'test': {i for i in bad if _hash_test_split(i)}}
+    expected['trainval'] = bad - expected['test']
+    assert expected['test'] == {'bad0', 'bad7'}  # bad files in both splits
+    ids, named = {}, []
+    for split in expected:
+        with pytest.raises(DataError, match=r'bad\d'):
             VOCBboxDataset(root, split)
         with pytest.warns(UserWarning) as record:
             dataset = VOCBboxDataset(root, split, skip_bad=True)
-        messages = [str(w.message) for w in record]
+        messages = [str(w.message).replace(str(root), '') for w in record]
+        skipping = [m for m in messages if m.startswith('skipping')]
         assert dataset.class_names == ('apple', 'banana', 'cherry')
+        assert sorted(path.stem for path in dataset.skipped) == sorted(expected[split])
+        assert messages[-1] == f': skipped {len(expected[split])} bad files of split {split!r}'
+        assert len(messages) == len(skipping) + 1
+        named += [name for m in skipping for name in set(re.findall(r'bad\d', m))]
         ids[split] = dataset.ids
-        n_bad = sum(m.startswith('skipping') for m in messages)
-        assert messages[-1] == f'{root}: skipped {n_bad} bad files' and n_bad >= 2  # bad1, bad3
+    assert sorted(named) == sorted(bad)  # each bad file named once, by its own split
     assert sorted(ids['trainval'] + ids['test']) == [f'img{k}' for k in range(10)]
+
+
+def test_bad_xml_of_the_other_split(tmp_path):
+    root = _labelimg_dir(tmp_path, n=10)
+    _write(root / 'bad0.xml', '<annotation>')  # a test id, read by trainval for its classes
+    with pytest.raises(DataError, match=r'bad0\.xml: malformed XML'):
+        VOCBboxDataset(root, 'trainval')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # the test split reports it, not trainval
+        assert VOCBboxDataset(root, 'trainval', skip_bad=True).skipped == []
+
+
+def _truncated_jpeg_dir(root):
+    """Samples a, b, c; b.jpg has its second half cut off, so only its header still reads."""
+    for name in 'abc':
+        _write(root / f'{name}.xml', _xml(f'{name}.jpg', [('x', (1, 1, 5, 5), 0)]))
+        (root / f'{name}.jpg').write_bytes(_encoded('JPEG'))
+    data = (root / 'b.jpg').read_bytes()
+    (root / 'b.jpg').write_bytes(data[:len(data) // 2])
+    _write(root / 'ImageSets' / 'Main' / 'trainval.txt', 'a\nb\nc\n')
+    return root
+
+
+def test_check_images_catches_truncated_jpeg(tmp_path):
+    root = _truncated_jpeg_dir(tmp_path)
+    with pytest.raises(DataError, match=r'b\.jpg: corrupt image \(OSError: image file is trunc'):
+        VOCBboxDataset(root, check_images=True)
+    with pytest.warns(UserWarning) as record:
+        dataset = VOCBboxDataset(root, skip_bad=True, check_images=True)
+    assert dataset.ids == ['a', 'c'] and dataset.skipped == [root / 'b.xml']
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2 and messages[0].startswith(f'skipping: {root / "b.jpg"}: corrupt')
+    assert messages[1] == f"{root}: skipped 1 bad files of split 'trainval'"
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES  # or PIL would pad the image silently
+
+
+def test_truncated_jpeg_without_check_images_fails_when_read(tmp_path):
+    root = _truncated_jpeg_dir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # skip_bad alone does not decode images
+        dataset = VOCBboxDataset(root, skip_bad=True)
+    assert dataset.ids == ['a', 'b', 'c'] and dataset.image_size(1) == (40, 60)
+    assert dataset[0][0].shape == (3, 40, 60)
+    with pytest.raises(DataError, match=r'b\.jpg: cannot read image'):
+        dataset[1]
+
+
+@pytest.mark.parametrize('annotations, images, split_dir', [
+    ('annotations', 'images', None),  # labelImg's own folder names
+    ('ANNOTATIONS', 'jpegimages', 'imagesets/MAIN'),  # a VOC year folder in another case
+    ('Annotations', 'Images', None),
+])
+def test_any_case_layout(tmp_path, annotations, images, split_dir):
+    extensions = ['.JPG', '.Jpeg', '.PNG', '.jpg']
+    for k, ext in enumerate(extensions):  # <filename> in another case than the file
+        _write(tmp_path / annotations / f'DSC{k}.XML',
+               _xml(f'dsc{k}{ext.lower()}', [('cat', (1, 1, 5, 5), 0)]))
+        _image(tmp_path / images / f'DSC{k}{ext}')
+    if split_dir:
+        _write(tmp_path / split_dir / 'trainval.txt', 'DSC0\nDSC1\nDSC2\nDSC3\n')
+        datasets = [VOCBboxDataset(tmp_path, 'trainval')]
+    else:
+        datasets = [VOCBboxDataset(tmp_path, 'trainval'), VOCBboxDataset(tmp_path, 'test')]
+        assert datasets[1].ids == ['DSC0']  # by the hash split
+    assert sorted(sum((d.ids for d in datasets), [])) == ['DSC0', 'DSC1', 'DSC2', 'DSC3']
+    for dataset in datasets:
+        for i, image_id in enumerate(dataset.ids):  # ids: the stems as written on disk
+            k = int(image_id[3:])
+            assert dataset.image_path(i) == tmp_path / images / f'DSC{k}{extensions[k]}'
+            image, bbox, label, _ = dataset[i]
+            assert image.shape == (3, 40, 60) and bbox.tolist() == [[0, 0, 4, 4]]
+
+
+def test_exact_case_wins(tmp_path):
+    _image(tmp_path / 'JPEGImages' / 'a.jpg', size=(40, 60))
+    _image(tmp_path / 'JPEGImages' / 'A.JPG', size=(20, 30))
+    if len(list((tmp_path / 'JPEGImages').iterdir())) < 2:
+        pytest.skip('case-insensitive filesystem: a.jpg and A.JPG are one file')
+    _write(tmp_path / 'Annotations' / 'a.xml', _xml('a.jpg', [('x', (1, 1, 5, 5), 0)]))
+    _write(tmp_path / 'Annotations' / 'a.XML', _xml('a.jpg', [('other', (1, 1, 5, 5), 0)]))
+    _write(tmp_path / 'Annotations' / 'b.xml', _xml('A.JPG', [('x', (1, 1, 5, 5), 0)]))
+    _write(tmp_path / 'annotations' / 'c.xml', _xml('a.jpg', [('other', (1, 1, 5, 5), 0)]))
+    _write(tmp_path / 'ImageSets' / 'Main' / 'trainval.txt', 'a\nb\n')
+    dataset = VOCBboxDataset(tmp_path)
+    assert dataset.class_names == ('x',)  # a.XML and annotations/ are not read
+    assert dataset.image_path(0) == tmp_path / 'JPEGImages' / 'a.jpg'
+    assert dataset.image_path(1) == tmp_path / 'JPEGImages' / 'A.JPG'
+    assert dataset.image_size(0) == (40, 60) and dataset.image_size(1) == (20, 30)
 
 
 # Fuzzing: whatever the bytes, a sample is clean or the error is a ValueError naming the file.
@@ -250,7 +357,7 @@ def _load_all(root, **kwargs):
             assert (bbox[:, 2:] <= torch.tensor(image.shape[:0:-1])).all()
 
 
-def _check_fuzzed(xml_bytes=None, image_bytes=None, skip_bad=False):
+def _check_fuzzed(xml_bytes=None, image_bytes=None, **kwargs):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / 'a.xml').write_bytes(xml_bytes if xml_bytes is not None else (
@@ -261,9 +368,10 @@ def _check_fuzzed(xml_bytes=None, image_bytes=None, skip_bad=False):
             (root / 'a.jpg').write_bytes(image_bytes)
         _write(root / 'ImageSets' / 'Main' / 'trainval.txt', 'a\n')
         try:
-            _load_all(root, skip_bad=skip_bad)
+            _load_all(root, **kwargs)
         except ValueError as e:
-            assert 'a.xml' in str(e) or 'a.jpg' in str(e) or (skip_bad and 'no samples' in str(e))
+            assert 'a.xml' in str(e) or 'a.jpg' in str(e) or (
+                kwargs.get('skip_bad') and 'no samples' in str(e))
 
 
 coordinate = st.one_of(st.integers(-20, 90).map(str), st.floats(allow_nan=True).map(str),
@@ -319,6 +427,6 @@ def fuzz_image(draw):
 
 
 @settings(max_examples=50, deadline=None)
-@given(fuzz_image(), st.booleans())
-def test_fuzz_image_bytes(image_bytes, skip_bad):
-    _check_fuzzed(image_bytes=image_bytes, skip_bad=skip_bad)
+@given(fuzz_image(), st.booleans(), st.booleans())
+def test_fuzz_image_bytes(image_bytes, skip_bad, check_images):
+    _check_fuzzed(image_bytes=image_bytes, skip_bad=skip_bad, check_images=check_images)

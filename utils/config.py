@@ -1,13 +1,22 @@
 """Every option of a run, its default and why: one dataclass, built once in train.py.
 
 Defaults are the paper's and the original Caffe port's (see DESIGN.md). Fields left at ``None``
-take their dataset's default from ``DATASET_DEFAULTS``: the toy dataset trains a small extractor
-on small images so that it learns on a CPU in minutes; an explicit option always wins.
+take a default that depends on other options: ``DATASET_DEFAULTS`` (the toy dataset trains a
+small extractor on small images so that it learns on a CPU in minutes), ``EXTRACTOR_DEFAULTS``,
+and weights files that name their backbone (--caffe-pretrain and --pretrained-path hold VGG16).
+An explicit option always wins.
+
+Values arrive from the command line through fire, which hands over strings, numbers, lists or
+tuples as it guesses them (``--amp=false`` is the string 'false', ``--epochs=1.5`` a float).
+``Config.parse_options`` turns each into its field's type or raises an error that names the
+option and the value.
 """
 import dataclasses
 import difflib
-import json
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass
 
 from data.dataset import DATASETS
@@ -16,12 +25,14 @@ from model.utils.backend import BACKENDS
 # Per-dataset values for the fields whose default is None.
 DATASET_DEFAULTS = {
     'toy': dict(extractor='small', min_size=256, max_size=400, anchor_scales=(2, 4, 8),
-                epochs=10, lr=0.01, lr_milestones=(7,), n_val_images=30, num_workers=0,
-                plot_every=50),
+                epochs=10, lr_milestones=(7,), num_workers=0, plot_every=50),
     'voc': dict(extractor='vgg16', min_size=600, max_size=1000, anchor_scales=(8, 16, 32),
-                epochs=14, lr=1e-3, lr_milestones=(9,), n_val_images=300, num_workers=2,
-                plot_every=40),
+                epochs=14, lr_milestones=(9,), num_workers=2, plot_every=40),
 }
+# The small extractor has BatchNorm and learns from scratch: it takes a 10x larger lr.
+EXTRACTOR_DEFAULTS = {'vgg16': dict(lr=1e-3), 'small': dict(lr=0.01)}
+# Held out of the training split for the per-epoch mAP: this fraction of it, at most the cap.
+VAL_FRACTION, VAL_CAP = 0.1, 300
 
 CHOICES = {
     'dataset': DATASETS,
@@ -32,6 +43,65 @@ CHOICES = {
     'backend': BACKENDS,
     'lr_scaling': ('none', 'linear'),
 }
+# What a resumed run cannot change: the model's shape and the weights it came from, the
+# optimizer's kind, what decides the held-out split (the best epoch must be chosen on the
+# same images throughout, none of which were trained on), and where the run lives.
+FIXED_ON_RESUME = ('dataset', 'class_names', 'extractor', 'anchor_scales', 'anchor_ratios',
+                   'normalization', 'caffe_pretrain', 'caffe_pretrain_path', 'pretrained_path',
+                   'optimizer', 'seed', 'n_val_images', 'out_dir', 'run_name')
+TRUE_WORDS, FALSE_WORDS = ('true', 'yes', '1', 'on'), ('false', 'no', '0', 'off')
+
+
+def option_name(name):
+    """The command-line spelling of a field: n_val_images -> --n-val-images."""
+    return '--' + name.replace('_', '-')
+
+
+def _scalar(name, kind, value):
+    """value as kind (bool, int, float or str), or a ValueError naming the option."""
+    flag = f'{option_name(name)}={value!r}'
+    if isinstance(value, (list, tuple, dict)):
+        raise ValueError(f'{flag}: expected one value, not a list')
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in TRUE_WORDS + FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise ValueError(f'{flag} is not a boolean; use true or false (or yes/no, 1/0)')
+    if kind is str:
+        if isinstance(value, bool):  # fire's value for a flag given without '=value'
+            raise ValueError(f'{option_name(name)} needs a value ({option_name(name)}=...)')
+        return str(value)
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f'{flag} is not a {"whole " if kind is int else ""}number')
+    if kind is int:
+        if not number.is_integer():
+            raise ValueError(f'{flag} is not a whole number')
+        return int(number)
+    return number
+
+
+def _coerce(name, annotation, value):
+    """value as the field's type: X | None, bool, int, float, str or tuple[X, ...]."""
+    kind = annotation
+    if isinstance(annotation, types.UnionType):  # X | None
+        kind = next(k for k in typing.get_args(annotation) if k is not type(None))
+        if value is None or (isinstance(value, str) and value.lower() == 'none'):
+            return None
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        if isinstance(value, str):  # --class-names=cat,dog that fire left as one string
+            value = [v for v in value.split(',') if v.strip()]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values:
+            raise ValueError(f'{option_name(name)} needs at least one value')
+        return tuple(_scalar(name, item, v) for v in values)
+    return _scalar(name, kind, value)
 
 
 @dataclass
@@ -39,22 +109,22 @@ class Config:
     # --- data ---
     dataset: str = 'toy'               # voc07 | voc0712 | custom | toy
     voc_data_dir: str | None = None    # VOCdevkit (voc07, voc0712) or your VOC-format folder
-    class_names: tuple | None = None   # custom: fixes the class list; default: found in the XMLs
+    class_names: tuple[str, ...] | None = None  # fixes the class list; default: found in the XMLs
     skip_bad: bool = False             # skip unreadable images / malformed XML with a warning
     use_difficult: bool = False        # train on 'difficult' objects too (the paper does not)
     min_size: int | None = None        # short side after resize (paper: 600)
     max_size: int | None = None        # long side at most (paper: 1000)
-    n_val_images: int | None = None    # held out of the training split for per-epoch mAP
+    n_val_images: int | None = None    # held out for per-epoch mAP; default 10%, at most 300
     num_workers: int | None = None     # DataLoader worker processes
 
     # --- model ---
     extractor: str | None = None       # vgg16 (the paper) | small (a few convs, for the toy set)
-    caffe_pretrain: bool = False       # start from the caffe VGG16 (misc/convert_caffe_pretrain.py)
+    caffe_pretrain: bool = False       # start from the caffe VGG16 (implies vgg16; see misc/)
     caffe_pretrain_path: str = 'weights/vgg16_caffe.pth'
-    pretrained_path: str | None = None  # a local torchvision VGG16 weights file
+    pretrained_path: str | None = None  # a local torchvision VGG16 weights file (implies vgg16)
     normalization: str | None = None   # caffe (BGR, 0..255) with caffe weights, else torchvision
-    anchor_scales: tuple | None = None  # anchor sides = 16 * scale * sqrt(ratio)
-    anchor_ratios: tuple = (0.5, 1, 2)
+    anchor_scales: tuple[float, ...] | None = None  # anchor sides = 16 * scale * sqrt(ratio)
+    anchor_ratios: tuple[float, ...] = (0.5, 1, 2)
     backend: str = 'auto'              # NMS / RoI pooling: auto | cupy | torchvision
 
     # --- targets and proposals ---
@@ -78,12 +148,12 @@ class Config:
 
     # --- optimisation ---
     optimizer: str = 'sgd'
-    lr: float | None = None            # paper: 1e-3 for batch 1
+    lr: float | None = None            # paper: 1e-3 for batch 1 (VGG16)
     lr_scaling: str = 'none'           # linear: lr x total batch size (Goyal et al. 2017)
     momentum: float = 0.9
     weight_decay: float = 5e-4         # not on biases, which get 2x lr as in the Caffe solver
     lr_decay: float = 0.1
-    lr_milestones: tuple | None = None  # epochs after which lr is multiplied by lr_decay
+    lr_milestones: tuple[int, ...] | None = None  # epochs after which lr is x lr_decay
     epochs: int | None = None
     batch_size: int = 1                # images per step and process; the paper uses 1
     amp: bool = False                  # mixed precision: bf16 on CPU, fp16 + GradScaler on CUDA
@@ -97,7 +167,7 @@ class Config:
     device: str = 'auto'
     seed: int = 0
     out_dir: str = 'runs'
-    run_name: str | None = None        # default: <dataset>-<timestamp>
+    run_name: str | None = None        # default: <dataset>-<timestamp>; never reused
     resume: str | None = None          # a run folder or checkpoint to continue exactly
     plot_every: int | None = None      # steps between visdom / log updates
     env: str = 'frcnn'                 # visdom environment
@@ -107,48 +177,60 @@ class Config:
     test_n_images: int | None = None   # evaluate on the first n test images only (quick checks)
 
     def __post_init__(self):
-        self._fill_dataset_defaults()
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, _coerce(field.name, field.type, getattr(self, field.name)))
+        self._fill_defaults()
         self.validate()
 
-    def _fill_dataset_defaults(self):
+    def _fill_defaults(self):
+        if self.caffe_pretrain or self.pretrained_path is not None:
+            holder = '--caffe-pretrain' if self.caffe_pretrain else '--pretrained-path'
+            if self.extractor not in (None, 'vgg16'):
+                raise ValueError(f'{holder} holds VGG16 weights, but --extractor='
+                                 f'{self.extractor}; drop one of the two')
+            self.extractor = 'vgg16'
         defaults = DATASET_DEFAULTS['toy' if self.dataset == 'toy' else 'voc']
+        defaults = {**defaults, **EXTRACTOR_DEFAULTS.get(self.extractor or defaults['extractor'])}
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.normalization is None:
             self.normalization = 'caffe' if self.caffe_pretrain else 'torchvision'
-        for name in ('anchor_scales', 'anchor_ratios', 'lr_milestones', 'class_names'):
-            value = getattr(self, name)
-            if isinstance(value, (list, int, float, str)):
-                value = (value,) if isinstance(value, (int, float, str)) else value
-                setattr(self, name, tuple(value))
 
     def validate(self):
         for name, valid in CHOICES.items():
             if getattr(self, name) not in valid:
-                raise ValueError(f'--{name}={getattr(self, name)!r} is not valid; '
+                raise ValueError(f'{option_name(name)}={getattr(self, name)!r} is not valid; '
                                  f'choose one of {", ".join(valid)}')
         positive = ('lr', 'min_size', 'max_size', 'epochs', 'batch_size',
                     'rpn_n_sample', 'roi_n_sample', 'plot_every', 'n_test_post_nms',
-                    'n_train_post_nms')
+                    'n_train_post_nms', 'n_train_pre_nms', 'n_test_pre_nms', 'test_n_images')
         for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f'--{name} must be positive, got {getattr(self, name)!r}')
-        for name in ('weight_decay', 'momentum', 'n_val_images', 'num_workers', 'rpn_min_size'):
-            if getattr(self, name) < 0:
-                raise ValueError(f'--{name} must be >= 0, got {getattr(self, name)!r}')
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f'{option_name(name)} must be positive, got {value!r}')
+        for name in ('weight_decay', 'momentum', 'n_val_images', 'num_workers', 'rpn_min_size',
+                     'eval_score_thresh'):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f'{option_name(name)} must be >= 0, got {value!r}')
         for name in ('rpn_pos_ratio', 'roi_pos_ratio', 'rpn_nms_thresh', 'eval_nms_thresh',
-                     'lr_decay'):
+                     'lr_decay', 'rpn_pos_iou_thresh', 'roi_pos_iou_thresh'):
             if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f'--{name} must be in (0, 1], got {getattr(self, name)!r}')
+                raise ValueError(f'{option_name(name)} must be in (0, 1], '
+                                 f'got {getattr(self, name)!r}')
         if self.min_size > self.max_size:
             raise ValueError(f'--min-size ({self.min_size}) must not exceed '
                              f'--max-size ({self.max_size})')
         if any(s <= 0 for s in self.anchor_scales + self.anchor_ratios):
             raise ValueError('--anchor-scales and --anchor-ratios must be positive numbers')
+        if self.class_names is not None and len(set(self.class_names)) < len(self.class_names):
+            raise ValueError(f'--class-names={list(self.class_names)} names a class twice')
         if self.caffe_pretrain and self.normalization != 'caffe':
             raise ValueError('--caffe-pretrain needs --normalization=caffe (the caffe VGG16 '
                              'expects BGR 0..255 minus the pixel means)')
+        if not 0 < self.visdom_port < 65536:
+            raise ValueError(f'--visdom-port must be in 1..65535, got {self.visdom_port}')
 
     def check_data_dir(self):
         """The data folder must exist for the real datasets (the toy one makes its own)."""
@@ -159,22 +241,43 @@ class Config:
         if not os.path.isdir(self.voc_data_dir):
             raise ValueError(f'--voc-data-dir: no folder at {self.voc_data_dir!r}')
 
+    def n_val(self, n_images):
+        """Images held out of a training split of n_images: --n-val-images, or by default
+        10% of the split and at most 300, so that a small split still trains on 90% of it."""
+        if self.n_val_images is None:
+            return min(VAL_CAP, round(VAL_FRACTION * n_images))
+        if 2 * self.n_val_images > n_images:
+            raise ValueError(
+                f'--n-val-images={self.n_val_images} would hold out more than half of the '
+                f'{n_images} images of the training split for validation; use '
+                f'--n-val-images={min(VAL_CAP, round(VAL_FRACTION * n_images))} (10%) or 0 '
+                '(no validation: best.pt is the last epoch)')
+        return self.n_val_images
+
+    @classmethod
+    def parse_options(cls, kwargs):
+        """fire's keyword arguments -> {field name: value of the field's type}.
+
+        An unknown option or a value of the wrong type raises an error naming it.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        options = {}
+        for key, value in kwargs.items():
+            name = key.replace('-', '_')
+            if name not in fields:
+                close = difflib.get_close_matches(name, sorted(fields), n=3)
+                hint = f'; did you mean {", ".join(map(option_name, close))}?' if close else ''
+                raise ValueError(f'unknown option --{key}{hint}')
+            options[name] = _coerce(name, fields[name].type, value)
+        return options
+
     @classmethod
     def from_kwargs(cls, need_data=True, **kwargs):
-        """Builds a Config from fire's keyword arguments; an unknown one is an error.
+        """Builds a Config from fire's keyword arguments (see parse_options).
 
         ``need_data=False`` skips the data-folder check (loading a model to detect with).
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        clean = {}
-        for key, value in kwargs.items():
-            name = key.replace('-', '_')
-            if name not in names:
-                close = difflib.get_close_matches(name, sorted(names), n=3)
-                hint = f'; did you mean {", ".join("--" + c for c in close)}?' if close else ''
-                raise ValueError(f'unknown option --{key}{hint}')
-            clean[name] = value
-        cfg = cls(**clean)
+        cfg = cls(**cls.parse_options(kwargs))
         if need_data:
             cfg.check_data_dir()
         return cfg
@@ -182,6 +285,3 @@ class Config:
     def to_dict(self):
         return dataclasses.asdict(self)
 
-    def save(self, path):
-        with open(path, 'w') as f:
-            json.dump(self.to_dict(), f, indent=2)

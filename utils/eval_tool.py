@@ -130,11 +130,10 @@ def _ap_area(precision, recall):
 def format_ap_table(ap, class_names, map_value):
     """Text table: one line per class with its AP, then the mAP; NaN (no ground truth) as 'n/a'."""
     width = max(len(name) for name in (*class_names, 'mAP'))
-    lines = [f'{"class":<{width}}  AP']
-    lines += [f'{name:<{width}}  {"n/a" if np.isnan(value) else f"{value:.4f}"}'
-              for name, value in zip(class_names, ap, strict=True)]
-    lines.append(f'{"mAP":<{width}}  {map_value:.4f}')
-    return '\n'.join(lines)
+    rows = [*zip(class_names, ap, strict=True), ('mAP', map_value)]
+    return '\n'.join([f'{"class":<{width}}  AP'] + [
+        f'{name:<{width}}  {"n/a" if np.isnan(value) else f"{value:.4f}"}'
+        for name, value in rows])
 
 
 def _to_numpy(bbox, label, score, gt_bbox, gt_label, gt_difficult):
