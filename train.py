@@ -86,10 +86,14 @@ def bbox_dataset(cfg, split, class_names=None, check_images=False):
                               skip_bad=cfg.skip_bad, check_images=check_images)
 
 
+def size_limits(cfg):
+    """What decides whether the detector can use an image (see data.util.size_problem)."""
+    return cfg.min_size, cfg.max_size, cfg.rpn_min_size, FEAT_STRIDE
+
+
 def usable(cfg, dataset):
     """Indices of dataset's images the detector can use (too small or thin ones refused)."""
-    return usable_indices(dataset, cfg.min_size, cfg.max_size, cfg.rpn_min_size, FEAT_STRIDE,
-                          cfg.skip_bad)
+    return usable_indices(dataset, *size_limits(cfg), cfg.skip_bad)
 
 
 def split_validation(indices, n_val, seed):
@@ -392,8 +396,7 @@ def detect(load_path, *images, out_dir='detections', preset='visualize', device=
     for path in tqdm(images, desc='detect', disable=None):
         try:
             image = read_image(path)
-            problem = size_problem(image.shape[1:], cfg.min_size, cfg.max_size,
-                                   cfg.rpn_min_size, FEAT_STRIDE)
+            problem = size_problem(image.shape[1:], *size_limits(cfg))
             if problem is not None:
                 raise DataError(f'{path}: the image {problem}')
         except DataError as e:
