@@ -11,6 +11,7 @@ Under torchrun each process trains on its own shard of the images and DDP averag
 gradients. Rank 0 alone logs, plots, writes the run folder and evaluates, while the others wait
 at a barrier: the validation set is small and mAP needs all predictions in one place.
 """
+import inspect
 import json
 import math
 import os
@@ -29,24 +30,17 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from data.dataset import (
-    TestDataset,
     TrainDataset,
     build_bbox_dataset,
     collate_test,
     collate_train,
     usable_indices,
 )
-from data.toy import toy_dataset_dir
 from data.util import DataError, read_image, size_problem
-from model.faster_rcnn_vgg16 import FEAT_STRIDE, build_faster_rcnn
-from model.utils.creator_tool import ProposalCreator
-from trainer import (
-    FasterRCNNTrainer,
-    NonFiniteLossError,
-    load_checkpoint,
-    save_checkpoint,
-    seed_all,
-)
+from model.backbones import FEAT_STRIDE
+from model.faster_rcnn import build_faster_rcnn
+from trainer import FasterRCNNTrainer, NonFiniteLossError, seed_all
+from utils.checkpoint import load_checkpoint, load_detector, save_checkpoint
 from utils.config import FIXED_ON_RESUME, Config, option_name
 from utils.eval_tool import eval_detection_voc, format_ap_table
 from utils.vis_tool import Visualizer, bbox_image
@@ -60,6 +54,13 @@ def pick_device(name, local_rank=0):
     return torch.device('cuda', local_rank)
 
 
+def model_options(cfg):
+    """The Config fields that shape the detector: build_faster_rcnn's keywords of the same
+    name. Checkpoints store them, so that the model can be rebuilt without the Config."""
+    parameters = inspect.signature(build_faster_rcnn).parameters
+    return {name: getattr(cfg, name) for name in parameters if hasattr(cfg, name)}
+
+
 def build_model(cfg, n_fg_class, load_weights=True):
     """The detector a Config describes, for ``n_fg_class`` foreground classes.
 
@@ -70,19 +71,12 @@ def build_model(cfg, n_fg_class, load_weights=True):
     if weights is not None and not os.path.isfile(weights):
         hint = ' (make it with misc/convert_caffe_pretrain.py)' if cfg.caffe_pretrain else ''
         raise ValueError(f'no VGG16 weights at {weights}{hint}')
-    proposal_creator = ProposalCreator(
-        cfg.rpn_nms_thresh, cfg.n_train_pre_nms, cfg.n_train_post_nms, cfg.n_test_pre_nms,
-        cfg.n_test_post_nms, cfg.rpn_min_size, backend=cfg.backend)
-    return build_faster_rcnn(
-        n_fg_class, cfg.extractor, weights, anchor_scales=cfg.anchor_scales,
-        anchor_ratios=cfg.anchor_ratios, proposal_creator=proposal_creator, backend=cfg.backend,
-        min_size=cfg.min_size, max_size=cfg.max_size, normalization=cfg.normalization)
+    return build_faster_rcnn(n_fg_class, weights_path=weights, **model_options(cfg))
 
 
 def bbox_dataset(cfg, split, class_names=None, check_images=False):
     """A split's bbox dataset, every object with its difficult flag; see data.dataset."""
-    data_dir = cfg.voc_data_dir or (toy_dataset_dir() if cfg.dataset == 'toy' else None)
-    return build_bbox_dataset(cfg.dataset, data_dir, split, class_names or cfg.class_names,
+    return build_bbox_dataset(cfg.dataset, cfg.voc_data_dir, split, class_names or cfg.class_names,
                               skip_bad=cfg.skip_bad, check_images=check_images)
 
 
@@ -94,12 +88,6 @@ def size_limits(cfg):
 def usable(cfg, dataset):
     """Indices of dataset's images the detector can use (too small or thin ones refused)."""
     return usable_indices(dataset, *size_limits(cfg), cfg.skip_bad)
-
-
-def split_validation(indices, n_val, seed):
-    """(train, val): n_val of indices held out of the training split, fixed by the seed."""
-    order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(indices[k] for k in order[n_val:]), sorted(indices[k] for k in order[:n_val])
 
 
 def run_data(cfg, class_names=None):
@@ -114,7 +102,9 @@ def run_data(cfg, class_names=None):
     test = bbox_dataset(cfg, 'test', class_names, check_images=True)
     kept = usable(cfg, trainval)
     n_val = cfg.n_val(len(kept))
-    train_idx, val_idx = split_validation(kept, n_val, cfg.seed)
+    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    val_idx = sorted(kept[k] for k in order[:n_val])  # held out of training, fixed by the seed
+    train_idx = sorted(kept[k] for k in order[n_val:])
     if not train_idx:
         raise DataError(f'{cfg.voc_data_dir or cfg.dataset}: no usable training images '
                         f'(the trainval split has {len(trainval)}, {len(kept)} usable)')
@@ -124,8 +114,8 @@ def run_data(cfg, class_names=None):
                       'so their mAP is undefined; best.pt will be the last epoch', stacklevel=2)
     train_set = TrainDataset(Subset(trainval, train_idx), cfg.min_size, cfg.max_size,
                              cfg.normalization, seed=cfg.seed, use_difficult=cfg.use_difficult)
-    val_set = TestDataset(Subset(trainval, val_idx)) if n_val_objects else None
-    test_set = TestDataset(Subset(test, usable(cfg, test)))
+    val_set = Subset(trainval, val_idx) if n_val_objects else None
+    test_set = Subset(test, usable(cfg, test))
     return train_set, val_set, test_set, class_names, n_val
 
 
@@ -141,18 +131,9 @@ def evaluate(model, dataset, batch_size=1, n_images=None):
             out.extend(v.cpu() for v in values)
         for out, key in zip(gts, ('bboxes', 'labels', 'difficults')):
             out.extend(batch[key])
-    result = {}
-    for name, use_07 in (('map', True), ('map_area', False)):
-        r = eval_detection_voc(*preds, *gts, use_07_metric=use_07, pixel_inclusive=True,
-                               n_class=model.n_class - 1)
-        result[name], result['ap' if use_07 else 'ap_area'] = r['map'], r['ap']
-    return result
-
-
-def _json_value(value):
-    """NaN and infinities as null: metrics.jsonl stays strict JSON (a class absent from the
-    test split has an undefined AP)."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    voc07, area = (eval_detection_voc(*preds, *gts, use_07_metric=use_07, pixel_inclusive=True,
+                                      n_class=model.n_class - 1) for use_07 in (True, False))
+    return {'map': voc07['map'], 'ap': voc07['ap'], 'map_area': area['map'], 'ap_area': area['ap']}
 
 
 class RunLog:
@@ -171,7 +152,9 @@ class RunLog:
 
     def write(self, **record):
         if self.enabled:
-            record = {k: _json_value(v) for k, v in record.items()}
+            # NaN as null: strict JSON (the AP of a class absent from a split is undefined)
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                      for k, v in record.items()}
             with open(self.path, 'a') as f:
                 f.write(json.dumps(record, allow_nan=False) + '\n')
 
@@ -226,12 +209,8 @@ def new_run_dir(cfg):
             raise ValueError(f'--run-name={cfg.run_name}: {run_dir} already exists; continue '
                              f'that run with --resume={run_dir} or choose another --run-name')
         return run_dir
-    name = f'{cfg.dataset}-{time.strftime("%Y%m%d-%H%M%S")}'
-    run_dir, k = out_dir / name, 1
-    while run_dir.exists():
-        k += 1
-        run_dir = out_dir / f'{name}-{k}'
-    return run_dir
+    taken = {path.name.lower() for path in out_dir.iterdir()} if out_dir.is_dir() else set()
+    return out_dir / unique_name(f'{cfg.dataset}-{time.strftime("%Y%m%d-%H%M%S")}', taken)
 
 
 def open_run(kwargs):
@@ -250,7 +229,8 @@ def open_run(kwargs):
     ckpt = path / 'last.pt' if path.is_dir() else path
     state = None
     if ckpt.is_file() or not (path / 'config.json').is_file():
-        state = load_checkpoint(ckpt)  # names the file if it is missing or broken
+        # names the file if it is missing or broken
+        state = load_checkpoint(ckpt, required=('model', 'class_names', 'config'))
         saved = state['config']
     else:
         try:
@@ -272,21 +252,15 @@ def train(**kwargs):
     rank, world_size, device = setup_distributed(cfg)
     main = rank == 0
     seed_all(cfg.seed)
-
     train_set, val_set, test_set, class_names, cfg.n_val_images = run_data(
         cfg, state and state['class_names'])  # config.json records the resolved hold-out
-    sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, collate_fn=collate_train,
-                        num_workers=cfg.num_workers, pin_memory=device.type == 'cuda')
-
     model = build_model(cfg, len(class_names), load_weights=state is None).to(device)
     vis = Visualizer(cfg.env, cfg.visdom_server, cfg.visdom_port, enabled=cfg.visdom and main)
     trainer = FasterRCNNTrainer(model, cfg, vis, device, rank, world_size)
-    start_epoch, best_map, saved_epoch = 0, -1.0, None
+    start_epoch, best_map = 0, -1.0
     if state is not None:
         trainer.load_state_dict(state)
         start_epoch, best_map = state['epoch'] + 1, state['best_map']
-        saved_epoch = state['epoch']
     if main:
         save_config(cfg, run_dir)
         print(f'run folder: {run_dir}; {len(train_set)} training images, {cfg.n_val_images} '
@@ -294,65 +268,88 @@ def train(**kwargs):
               f'{", ".join(class_names)}'
               + (f'; resuming after epoch {start_epoch}' if start_epoch else ''))
     log = RunLog(run_dir / 'metrics.jsonl', main, resume_step=trainer.step)
+    checkpoint = {'class_names': list(class_names), 'config': cfg.to_dict(),
+                  'model_options': model_options(cfg)}
 
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            sampler.set_epoch(epoch)
-            train_set.set_epoch(epoch)
-            trainer.set_epoch(epoch)
-            bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.epochs}', disable=not main or None)
-            for batch in bar:
-                trainer.train_step(batch)
-                if main and trainer.step % cfg.plot_every == 0:
-                    means = trainer.meters()
-                    trainer.reset_meters()
-                    bar.set_postfix(loss=f'{means["total_loss"]:.3f}')
-                    log.write(step=trainer.step, epoch=epoch, lr=trainer.lr(), **means)
-                    trainer.plot(batch, means, class_names)
-            trainer.scheduler.step()
-            if main:
-                val_map = None
-                if val_set is not None:
-                    val_map = evaluate(model, val_set, cfg.batch_size)['map']
-                    log.write(step=trainer.step, epoch=epoch, split='val', map=val_map)
-                    vis.plot('val_map', val_map, epoch + 1)
-                    print(f'epoch {epoch + 1}: validation mAP {val_map:.4f}')
-                # Best is chosen on images held out of training, never on the test set.
-                is_best = val_map is None or val_map > best_map
-                best_map = val_map if is_best and val_map is not None else best_map
-                ckpt = {**trainer.state_dict(), 'epoch': epoch, 'config': cfg.to_dict(),
-                        'class_names': list(class_names), 'best_map': best_map}
-                save_checkpoint(ckpt, run_dir / 'last.pt')
-                saved_epoch = epoch
-                if is_best:
-                    save_checkpoint(ckpt, run_dir / 'best.pt')
-            if world_size > 1:
-                dist.barrier()  # the others wait while rank 0 evaluates and saves
-    except NonFiniteLossError as e:
-        kept = ('no checkpoint had been written yet' if saved_epoch is None else
-                f'{run_dir / "last.pt"} (epoch {saved_epoch + 1}) is kept')
-        sys.exit(f'error: {e}; training stopped, {kept}')
-
+    sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, collate_fn=collate_train,
+                        num_workers=cfg.num_workers, pin_memory=device.type == 'cuda')
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        try:
+            train_epoch(trainer, loader, epoch, log, class_names)
+        except NonFiniteLossError as e:
+            kept = (f'{run_dir / "last.pt"} (epoch {epoch}) is kept' if epoch else
+                    'no checkpoint had been written yet')
+            sys.exit(f'error: {e}; training stopped, {kept}')
+        if main:
+            best_map = end_epoch(trainer, epoch, val_set, best_map, run_dir, log, checkpoint)
+        if world_size > 1:
+            dist.barrier()  # the others wait while rank 0 evaluates and saves
     if main:
-        best = load_checkpoint(run_dir / 'best.pt', device)
-        model.load_state_dict(best['model'])
-        result = evaluate(model, test_set, cfg.batch_size, cfg.test_n_images)
-        log.write(step=trainer.step, epoch=best['epoch'], split='test', map=result['map'],
-                  map_area=result['map_area'])
-        print(f'test set, best checkpoint (epoch {best["epoch"] + 1}):')
-        print(format_ap_table(result['ap'], class_names, result['map']))
+        test_best(model, run_dir, test_set, class_names, cfg, log, trainer.step)
     if world_size > 1:
         dist.destroy_process_group()
 
 
+def train_epoch(trainer, loader, epoch, log, class_names):
+    """One pass over the training images; every plot_every steps, the running means of the
+    losses are logged and plotted (rank 0)."""
+    cfg, main = trainer.cfg, trainer.rank == 0
+    trainer.set_epoch(epoch)
+    bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.epochs}', disable=not main or None)
+    for batch in bar:
+        trainer.train_step(batch)
+        if main and trainer.step % cfg.plot_every == 0:
+            means = trainer.pop_means()
+            bar.set_postfix(loss=f'{means["total_loss"]:.3f}')
+            log.write(step=trainer.step, epoch=epoch,
+                      lr=trainer.optimizer.param_groups[0]['lr'], **means)
+            trainer.plot(batch, means, class_names)
+    trainer.scheduler.step()
+
+
+def end_epoch(trainer, epoch, val_set, best_map, run_dir, log, checkpoint):
+    """Scores the held-out images, writes last.pt and, if this epoch is the best so far,
+    best.pt. Returns the best validation mAP. The best epoch is chosen on images held out of
+    training, never on the test set; without them, the last epoch is the best."""
+    val_map = None
+    if val_set is not None:
+        val_map = evaluate(trainer.faster_rcnn, val_set, trainer.cfg.batch_size)['map']
+        log.write(step=trainer.step, epoch=epoch, split='val', map=val_map)
+        trainer.vis.plot('val_map', val_map, epoch + 1)
+        print(f'epoch {epoch + 1}: validation mAP {val_map:.4f}')
+    is_best = val_map is None or val_map > best_map
+    best_map = val_map if is_best and val_map is not None else best_map
+    state = {**trainer.state_dict(), **checkpoint, 'epoch': epoch, 'best_map': best_map}
+    save_checkpoint(state, run_dir / 'last.pt')
+    if is_best:
+        save_checkpoint(state, run_dir / 'best.pt')
+    return best_map
+
+
+def test_best(model, run_dir, test_set, class_names, cfg, log, step):
+    """Loads best.pt into the model and prints its per-class AP on the test split."""
+    best = load_checkpoint(run_dir / 'best.pt', next(model.parameters()).device)
+    model.load_state_dict(best['model'])
+    result = evaluate(model, test_set, cfg.batch_size, cfg.test_n_images)
+    log.write(step=step, epoch=best['epoch'], split='test', map=result['map'],
+              map_area=result['map_area'])
+    print(f'test set, best checkpoint (epoch {best["epoch"] + 1}):')
+    print(format_ap_table(result['ap'], class_names, result['map']))
+
+
 def load_model(load_path, device='cpu', **overrides):
-    """A trained detector from a checkpoint: (model in eval mode, Config, class names)."""
-    state = load_checkpoint(load_path)
+    """A trained detector from a checkpoint: (model in eval mode, Config, class names).
+
+    overrides: options given on the command line, e.g. --backend or --voc-data-dir.
+    """
+    state = load_checkpoint(load_path, required=('model', 'class_names', 'config'))
     cfg = Config.from_kwargs(**{**state['config'], **overrides, 'caffe_pretrain': False,
                                 'pretrained_path': None, 'resume': None}, need_data=False)
-    model = build_model(cfg, len(state['class_names']))
-    model.load_state_dict(state['model'])
-    return model.to(pick_device(device)).eval(), cfg, tuple(state['class_names'])
+    model, class_names = load_detector(state, pick_device(device), **model_options(cfg))
+    return model, cfg, class_names
 
 
 def eval(load_path, **kwargs):  # noqa: A001 (the CLI verb)
@@ -360,7 +357,7 @@ def eval(load_path, **kwargs):  # noqa: A001 (the CLI verb)
     model, cfg, class_names = load_model(load_path, kwargs.pop('device', 'auto'), **kwargs)
     cfg.check_data_dir()
     test = bbox_dataset(cfg, 'test', class_names)
-    result = evaluate(model, TestDataset(Subset(test, usable(cfg, test))), cfg.batch_size,
+    result = evaluate(model, Subset(test, usable(cfg, test)), cfg.batch_size,
                       cfg.test_n_images)
     print('VOC07 11-point metric:')
     print(format_ap_table(result['ap'], class_names, result['map']))
@@ -368,16 +365,15 @@ def eval(load_path, **kwargs):  # noqa: A001 (the CLI verb)
     print(format_ap_table(result['ap_area'], class_names, result['map_area']))
 
 
-def unique_stem(path, taken):
-    """path's file stem, with -2, -3, ... appended until it is not in taken (lower case, for
+def unique_name(name, taken):
+    """name, with -2, -3, ... appended until it is not in taken (lower case, for
     case-insensitive filesystems); the result is added to taken."""
-    stem, k = Path(path).stem, 1
-    name = stem
-    while name.lower() in taken:
+    unique, k = name, 1
+    while unique.lower() in taken:
         k += 1
-        name = f'{stem}-{k}'
-    taken.add(name.lower())
-    return name
+        unique = f'{name}-{k}'
+    taken.add(unique.lower())
+    return unique
 
 
 def detect(load_path, *images, out_dir='detections', preset='visualize', device='auto'):
@@ -404,7 +400,7 @@ def detect(load_path, *images, out_dir='detections', preset='visualize', device=
             records.append({'image': str(path), 'error': str(e)})
             continue
         bboxes, labels, scores = (x[0].cpu() for x in model.predict([image], preset=preset))
-        name = f'{unique_stem(path, taken)}.png'
+        name = f'{unique_name(Path(path).stem, taken)}.png'
         drawn = bbox_image(image, bboxes, labels, scores, class_names)  # (3, H, W) uint8
         Image.fromarray(drawn.transpose(1, 2, 0)).save(out / name)
         records.append({'image': str(path), 'output': name, 'detections': [

@@ -5,22 +5,16 @@ RGB 0..255, bbox (R, 4) float32 x_min y_min x_max y_max 0-based, label (R,) int6
 difficult (R,) bool (every object, difficult ones flagged), and has class_names,
 get_annotation(i), image_path(i) and image_size(i).
 """
-import bisect
 import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset, Dataset, Subset
+from torch.utils.data import Dataset
 
 from data.toy import toy_dataset_dir
-from data.util import DataError, flip_bbox, normalize, resize_bbox, resize_image, size_problem
+from data.util import DataError, flip_bbox, size_problem
 from data.voc_dataset import VOC_BBOX_LABEL_NAMES, VOCBboxDataset
-
-
-def _class_names(bbox_dataset):
-    while isinstance(bbox_dataset, Subset):  # e.g. a held-out validation part
-        bbox_dataset = bbox_dataset.dataset
-    return bbox_dataset.class_names
+from model.transform import check_normalization, normalize, pad_images, resize_bbox, resize_image
 
 
 class TrainDataset(Dataset):
@@ -35,9 +29,9 @@ class TrainDataset(Dataset):
 
     def __init__(self, bbox_dataset, min_size, max_size, normalization, flip=True, seed=0,
                  use_difficult=False):
-        normalize(torch.zeros(3, 1, 1), normalization)  # fail now on an unknown mode
-        self.bbox_dataset, self.class_names = bbox_dataset, _class_names(bbox_dataset)
-        self.min_size, self.max_size, self.normalization = min_size, max_size, normalization
+        self.bbox_dataset = bbox_dataset
+        self.min_size, self.max_size = min_size, max_size
+        self.normalization = check_normalization(normalization)
         self.flip, self.seed, self.epoch = flip, seed, 0
         self.use_difficult = use_difficult
 
@@ -61,62 +55,21 @@ class TrainDataset(Dataset):
         return normalize(image, self.normalization), bbox, label, scale
 
 
-class TestDataset(Dataset):
-    """Samples at original size: image (3, H, W) RGB 0..255, bbox, label, difficult.
-    The model's predict resizes and normalises (with data.util) itself."""
-
-    def __init__(self, bbox_dataset):
-        self.bbox_dataset, self.class_names = bbox_dataset, _class_names(bbox_dataset)
-
-    def __len__(self):
-        return len(self.bbox_dataset)
-
-    def __getitem__(self, i):
-        return self.bbox_dataset[i]
-
-
 def collate_train(batch):
     """TrainDataset samples -> dict: images (N, 3, Hmax, Wmax) zero-padded at bottom/right,
     sizes (N, 2) int64 true (H, W), bboxes and labels lists of (R_i, 4) / (R_i,), scales (N,)."""
     sizes = torch.tensor([image.shape[1:] for image, _, _, _ in batch], dtype=torch.int64)
-    images = batch[0][0].new_zeros(len(batch), 3, *sizes.max(0).values.tolist())
-    for k, (image, _, _, _) in enumerate(batch):
-        images[k, :, :image.shape[1], :image.shape[2]] = image
-    return dict(images=images, sizes=sizes, bboxes=[s[1] for s in batch],
+    return dict(images=pad_images([s[0] for s in batch]), sizes=sizes,
+                bboxes=[s[1] for s in batch],
                 labels=[s[2] for s in batch],
                 scales=torch.tensor([s[3] for s in batch], dtype=torch.float32))
 
 
 def collate_test(batch):
-    """TestDataset samples -> dict of lists: images, bboxes, labels, difficults."""
+    """Bbox dataset samples (image at its original size, bbox, label, difficult) -> dict of
+    lists: images, bboxes, labels, difficults. The model's predict resizes and normalises."""
     images, bboxes, labels, difficults = (list(column) for column in zip(*batch, strict=True))
     return dict(images=images, bboxes=bboxes, labels=labels, difficults=difficults)
-
-
-class _Union(ConcatDataset):
-    """Concatenated bbox datasets with the same class_names (VOC07+12 trainval)."""
-
-    def __init__(self, datasets):
-        super().__init__(datasets)
-        self.class_names = datasets[0].class_names
-        assert all(d.class_names == self.class_names for d in datasets)
-        self.ids = [i for d in datasets for i in d.ids]
-
-    def _locate(self, i):
-        k = bisect.bisect_right(self.cumulative_sizes, i)
-        return self.datasets[k], i - (self.cumulative_sizes[k - 1] if k else 0)
-
-    def get_annotation(self, i):
-        dataset, j = self._locate(i)
-        return dataset.get_annotation(j)
-
-    def image_path(self, i):
-        dataset, j = self._locate(i)
-        return dataset.image_path(j)
-
-    def image_size(self, i):
-        dataset, j = self._locate(i)
-        return dataset.image_size(j)
 
 
 DATASETS = ('voc07', 'voc0712', 'custom', 'toy')
@@ -147,9 +100,11 @@ def build_bbox_dataset(name, data_dir, split, class_names=None, skip_bad=False,
     if name == 'voc07':
         year_dir = data_dir / 'VOC2007'
         return VOCBboxDataset(year_dir if year_dir.is_dir() else data_dir, split, **options)
-    if name == 'voc0712':
-        years = ('VOC2007',) if split == 'test' else ('VOC2007', 'VOC2012')
-        return _Union([VOCBboxDataset(data_dir / year, split, **options) for year in years])
+    if name == 'voc0712' and split != 'test':
+        return (VOCBboxDataset(data_dir / 'VOC2007', split, **options)
+                + VOCBboxDataset(data_dir / 'VOC2012', split, **options))
+    if name == 'voc0712':  # 07+12 models are tested on VOC2007 test, as in the paper
+        return VOCBboxDataset(data_dir / 'VOC2007', split, **options)
     return VOCBboxDataset(data_dir, split, **options)  # custom, toy
 
 

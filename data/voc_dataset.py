@@ -11,6 +11,7 @@ Every folder and file name is matched in any case, as public VOC-format datasets
 exact case wins when both exist. Image files are .jpg, .jpeg or .png in any case. Ids are the
 XML file stems as written on disk.
 """
+import copy
 import hashlib
 import math
 import os
@@ -122,14 +123,11 @@ def _image_size(path):
         raise DataError(f'{path}: cannot read image ({type(e).__name__}: {e})') from e
 
 
-def _decode(path):
-    """Decode every pixel of an image file: -> path, or DataError naming it when that fails."""
-    try:
-        with Image.open(path) as img:
-            img.load()  # unlike verify(), this decodes the pixels, so truncated files fail too
-    except Exception as e:  # PIL raises many types for corrupt data; all mean "bad file"
-        raise DataError(f'{path}: corrupt image ({type(e).__name__}: {e})') from e
-    return path
+def _decodes(path):
+    """True when every pixel of an image file decodes, else DataError naming it. The decoded
+    image is dropped at once, so that a thread holds one image at a time."""
+    read_image(path)
+    return True
 
 
 def _clip(bbox, size, path):
@@ -281,17 +279,25 @@ class VOCBboxDataset:
                         f'{data_dir}/{{{",".join(IMAGE_FOLDERS)}}} (names in any case)')
 
     def _check_images(self, samples, xml_paths, skip_bad):
-        """samples less those whose image does not decode. Threads, as PIL releases the GIL
-        while decoding: one per core, at most 8, each holding one decoded image in memory."""
+        """samples less those whose image does not decode (every pixel: truncated files fail
+        too). Threads, as PIL releases the GIL while decoding: one per core, at most 8."""
         pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
         try:
-            futures = {i: pool.submit(_decode, sample[0]) for i, sample in samples.items()}
+            futures = {i: pool.submit(_decodes, sample[0]) for i, sample in samples.items()}
             bar = tqdm(futures.items(), desc='checking images', disable=None, leave=False)
             good = [i for i, future in bar
                     if self._guarded(skip_bad, xml_paths[i], future.result) is not None]
         finally:
             pool.shutdown(cancel_futures=True)  # on an error, do not decode the rest first
         return {i: samples[i] for i in good}
+
+    def __add__(self, other):
+        """A dataset of the samples of both (VOC07+12 trainval); the classes must agree."""
+        assert self.class_names == other.class_names
+        union = copy.copy(self)
+        union.ids, union._samples = self.ids + other.ids, self._samples + other._samples
+        union.skipped = self.skipped + other.skipped
+        return union
 
     def __len__(self):
         return len(self.ids)

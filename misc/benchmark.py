@@ -33,10 +33,10 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.util import normalize  # noqa: E402
-from model.faster_rcnn import PRESETS  # noqa: E402
-from model.faster_rcnn_vgg16 import FEAT_STRIDE, build_faster_rcnn  # noqa: E402
-from trainer import FasterRCNNWithLosses, make_optimizer  # noqa: E402
+from model.backbones import FEAT_STRIDE  # noqa: E402
+from model.faster_rcnn import MAX_PER_IMAGE, build_faster_rcnn  # noqa: E402
+from model.transform import normalize  # noqa: E402
+from trainer import make_optimizer  # noqa: E402
 
 ROI_SIZE = 7
 # Our stages in pipeline order; a dotted name is part of the stage before the dot.
@@ -63,13 +63,12 @@ class RoIPoolOneLevel(nn.Module):
                                         self.output_size, self.spatial_scale)
 
 
-def torchvision_twin(net, height, width):
+def torchvision_twin(ours, height, width):
     """torchvision's FasterRCNN with our design and a copy of our weights (see module doc).
 
-    net: our FasterRCNNWithLosses; its target creators give the sampling settings.
+    ours: our FasterRCNN; its target creators give the sampling settings.
     """
-    ours, anchor_targets, roi_targets = (net.faster_rcnn, net.anchor_target_creator,
-                                         net.proposal_target_creator)
+    anchor_targets, roi_targets = ours.anchor_target_creator, ours.proposal_target_creator
     backbone = copy.deepcopy(ours.extractor)  # frozen layers stay frozen (requires_grad copied)
     backbone.out_channels = ours.rpn.conv1.out_channels
     rpn_head = RPNHead(backbone.out_channels, ours.rpn.anchor_base.shape[0])
@@ -81,7 +80,7 @@ def torchvision_twin(net, height, width):
     predictor = FastRCNNPredictor(ours.head.score.in_features, ours.n_class)
     predictor.cls_score.load_state_dict(ours.head.score.state_dict())
     predictor.bbox_pred.load_state_dict(ours.head.cls_loc.state_dict())
-    proposals, evaluate = ours.rpn.proposal_layer, PRESETS['evaluate']
+    proposals, evaluate = ours.rpn.proposal_creator, ours.presets['evaluate']
     anchor_sizes = tuple(FEAT_STRIDE * s for s in (8, 16, 32))  # build_faster_rcnn's defaults
     model = TorchvisionFasterRCNN(
         backbone, min_size=min(height, width), max_size=max(height, width),  # scale 1
@@ -99,7 +98,7 @@ def torchvision_twin(net, height, width):
         rpn_positive_fraction=anchor_targets.pos_ratio,
         box_head=nn.Sequential(nn.Flatten(), copy.deepcopy(ours.head.classifier)),
         box_predictor=predictor, box_score_thresh=evaluate['score_thresh'],
-        box_nms_thresh=evaluate['nms_thresh'], box_detections_per_img=evaluate['max_per_image'],
+        box_nms_thresh=evaluate['nms_thresh'], box_detections_per_img=MAX_PER_IMAGE,
         box_fg_iou_thresh=roi_targets.pos_iou_thresh,
         box_bg_iou_thresh=roi_targets.neg_iou_thresh_hi,
         box_batch_size_per_image=roi_targets.n_sample,
@@ -235,26 +234,25 @@ def race(steps, repeat, warmup, device, sync):
             for name in steps}
 
 
-def instrument(clock, net):
-    """Wires the clock into our stages (net: FasterRCNNWithLosses)."""
-    model = net.faster_rcnn
+def instrument(clock, model):
+    """Wires the clock into the stages of our FasterRCNN."""
     for name, owner, attr in (
-            ('preprocess', model, 'preprocess'), ('backbone', model.extractor, 'forward'),
-            ('rpn', model.rpn, 'forward'), ('rpn.proposals', model.rpn, 'proposal_layer'),
-            ('anchor_targets', net, 'anchor_target_creator'),
-            ('proposal_targets', net, 'proposal_target_creator'),
-            ('head', model.head, 'forward'), ('head.roi_pool', model.head.roi, 'forward'),
+            ('preprocess', model, 'transform'), ('backbone', model.extractor, 'forward'),
+            ('rpn', model.rpn, 'forward'), ('rpn.proposals', model.rpn, 'proposal_creator'),
+            ('anchor_targets', model, 'anchor_target_creator'),
+            ('proposal_targets', model, 'proposal_target_creator'),
+            ('head', model.head, 'forward'), ('head.roi_pool', model.head.pool, 'forward'),
             ('postprocess', model, '_postprocess')):
         clock.wrap(name, owner, attr)
 
 
-def breakdown(step, net, repeat, sync):
+def breakdown(step, model, repeat, sync):
     """Median milliseconds per stage of ours over ``repeat`` runs of ``step(clock)``, 'total'
     being the whole step."""
     runs = defaultdict(list)
     for _ in range(repeat):
         clock = StageClock(sync)
-        instrument(clock, net)
+        instrument(clock, model)
         try:
             with clock.stage('total'):
                 step(clock)
@@ -293,12 +291,12 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     torch.manual_seed(seed)
     ours = build_faster_rcnn(n_class, 'vgg16', min_size=min(height, width),
                              max_size=max(height, width)).to(device)  # predict keeps the size
-    ours_net = FasterRCNNWithLosses(ours)
-    theirs = torchvision_twin(ours_net, height, width).to(device)
+    theirs = torchvision_twin(ours, height, width).to(device)
     images, bboxes, labels = synthetic_batch(batch_size, height, width, n_class, seed)
     images, bboxes, labels = (images.to(device), [b.to(device) for b in bboxes],
                               [lab.to(device) for lab in labels])
     image_list = list(images)  # predict takes original RGB 0..255 images
+    normalization = ours.transform.normalization  # the stage clock wraps the transform
     unit_images = [img / 255 for img in images]  # torchvision detection takes 0..1 images
     sizes, scales = [(height, width)] * batch_size, [1.0] * batch_size
     targets = [{'boxes': b, 'labels': lab + 1} for b, lab in zip(bboxes, labels)]  # 0 = bg
@@ -320,8 +318,8 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
         ours.train()
         ours_optimizer.zero_grad(set_to_none=True)
         with clock.stage('forward'), autocast():
-            losses = ours_net(normalize(images, ours.normalization), sizes, scales, bboxes,
-                              labels, generator)
+            losses = ours(normalize(images, normalization), sizes, scales, bboxes, labels,
+                          generator)
         with clock.stage('backward'):
             losses['total_loss'].backward()
         with clock.stage('optimizer_step'):
@@ -338,9 +336,9 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     # Inference first: training steps change the weights.
     inference = race({'ours': ours_inference, 'torchvision': theirs_inference},
                      repeat, warmup, device, sync)
-    inference_stages = breakdown(ours_inference, ours_net, repeat, sync)
+    inference_stages = breakdown(ours_inference, ours, repeat, sync)
     train = race({'ours': ours_train, 'torchvision': theirs_train}, repeat, warmup, device, sync)
-    train_stages = breakdown(ours_train, ours_net, repeat, sync)
+    train_stages = breakdown(ours_train, ours, repeat, sync)
 
     stages = inference_stages
     convs_and_fc = stages['backbone'] + stages['head'] - stages['head.roi_pool']

@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer import save_checkpoint  # noqa: E402
+from utils.checkpoint import save_checkpoint  # noqa: E402
 
 CAFFE_VGG16_URL = 'https://s3-us-west-2.amazonaws.com/jcjohns-models/vgg16-00b39a1b.pth'
 # The layers we keep: every conv of features, fc6 (classifier.0) and fc7 (classifier.3).

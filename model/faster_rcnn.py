@@ -1,89 +1,137 @@
-"""Faster R-CNN: one module from image to boxes (Ren et al. 2015, figure 2).
+"""Faster R-CNN: one module from image to boxes, and from image and boxes to the four losses.
 
-Shape shorthand:
-    N  images               R  proposals (RoIs) over the batch
-    C  classes with background at 0; n_fg_class = C - 1 foreground classes
-    K  kept detections of one image
-Labels returned by ``predict`` are foreground labels 0..C-2; inside the head, 0 is background.
+Paper: Ren et al. 2015, "Faster R-CNN: Towards Real-Time Object Detection with Region Proposal
+Networks", figure 2: a backbone computes features once; the Region Proposal Network (RPN)
+proposes boxes on them; the RoI head pools each proposal's features, classifies it and refines
+its box. Training adds the figure's other half: targets for the RPN's anchors and for a
+sample of proposals, and a loss for each of the four outputs (eq. 1).
+
+Read the stages in this order: transform.py (resize, normalise), backbones.py, boxes.py
+(anchors, eq. 2), rpn.py, roi_head.py (with ops/ for NMS and RoI pooling), then targets.py and
+losses.py (training), and this file, which composes them.
+
+Notation: N images, K anchors per image (H * W * A), R proposals over the batch, S sampled
+RoIs, C classes with background at 0 (n_class), n_fg_class = C - 1.
+
+Glossary (the names used throughout model/):
+    anchor         (K, 4) reference boxes at every feature-map location (boxes.py)
+    loc            a box as (dx, dy, dw, dh) relative to a reference box, eq. 2 (the paper's t)
+    rpn_locs       (N, K, 4) the RPN's predicted loc of each anchor
+    rpn_scores     (N, K, 2) the RPN's objectness logits (background, foreground)
+    rois           (R, 4) proposals: anchors moved by rpn_locs, clipped, after NMS; the RoI
+                   head's input at test time. "proposal" and "RoI" name the same boxes.
+    roi_indices    (R,) the image each RoI belongs to
+    sample_rois    (S, 4) the RoIs sampled for training the head (targets.py), gt boxes among
+                   them; sample_indices (S,) their images
+    gt_*           ground truth: gt_bboxes / gt_labels given, gt_rpn_locs / gt_rpn_labels and
+                   gt_roi_locs / gt_roi_labels the targets built from them
+    roi_cls_locs   (R, C * 4) the head's loc of each RoI for every class (divided by loc std)
+    roi_scores     (R, C) the head's class logits
+Labels: predict returns 0..n_fg_class-1, the datasets' labels; inside the head 0 is background
+and dataset class k is k + 1.
 """
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torchvision.ops import clip_boxes_to_image
 
-from data.util import normalize, resize_bbox, resize_image
-from model.utils.bbox_tools import clip_bbox, loc2bbox
-from model.utils.nms import batched_non_maximum_suppression
+from model.backbones import FEAT_STRIDE, build_backbone
+from model.boxes import loc2bbox
+from model.losses import roi_losses, rpn_losses
+from model.ops import batched_non_maximum_suppression
+from model.roi_head import RoIHead
+from model.rpn import ProposalCreator, RegionProposalNetwork
+from model.targets import AnchorTargetCreator, ProposalTargetCreator
+from model.transform import ImageTransform, resize_bbox
 
-# Thresholds of predict: 'evaluate' is the paper's test setting (score > 0.05, NMS 0.3, VOC
-# evaluation keeps at most 100 per image); 'visualize' shows only confident boxes.
-PRESETS = {
-    'evaluate': dict(score_thresh=0.05, nms_thresh=0.3, max_per_image=100),
-    'visualize': dict(score_thresh=0.7, nms_thresh=0.3, max_per_image=100),
-}
-
-
-def pad_images(images):
-    """Stacks (3, H_i, W_i) images into (N, 3, H_max, W_max), zero-padded at bottom and right."""
-    h_max = max(img.shape[1] for img in images)
-    w_max = max(img.shape[2] for img in images)
-    batch = images[0].new_zeros((len(images), 3, h_max, w_max))
-    for i, img in enumerate(images):
-        batch[i, :, :img.shape[1], :img.shape[2]] = img
-    return batch
+LOSS_NAMES = ('rpn_loc_loss', 'rpn_cls_loss', 'roi_loc_loss', 'roi_cls_loss')
+# predict's 'visualize' thresholds: only confident boxes. 'evaluate' is the paper's test
+# setting, FasterRCNN's eval_score_thresh and eval_nms_thresh.
+VISUALIZE = dict(score_thresh=0.7, nms_thresh=0.3)
+MAX_PER_IMAGE = 100  # detections kept per image, as the Caffe code's VOC evaluation keeps
 
 
 class FasterRCNN(nn.Module):
-    """Extractor, RPN and RoI head composed into one detector.
+    """Backbone, RPN and RoI head composed into one detector, with its training targets.
 
     Args:
-        extractor: images (N, 3, H, W) -> features (N, C_feat, H/16, W/16).
+        extractor: images (N, 3, H, W) -> features (N, C_feat, H / 16, W / 16).
         rpn: a RegionProposalNetwork.
         head: an RoIHead; its ``n_class`` counts the background.
-        min_size, max_size, normalization: the preprocessing ``predict`` applies, the same
-            functions the training data goes through (data.util).
-        loc_normalize_std: the std the head's loc targets were divided by.
+        transform: the ImageTransform predict applies to original images.
+        anchor_target_creator, proposal_target_creator: the training targets (targets.py).
+        rpn_sigma, roi_sigma: the smooth L1 sigmas of the two box losses (losses.py).
+        eval_score_thresh, eval_nms_thresh: predict's 'evaluate' thresholds.
         backend: 'auto' | 'cupy' | 'torchvision', for the NMS in predict.
     """
 
-    def __init__(self, extractor, rpn, head, min_size=600, max_size=1000,
-                 normalization='torchvision', loc_normalize_std=(0.1, 0.1, 0.2, 0.2),
-                 backend='auto'):
+    def __init__(self, extractor, rpn, head, transform=None, anchor_target_creator=None,
+                 proposal_target_creator=None, rpn_sigma=3.0, roi_sigma=1.0,
+                 eval_score_thresh=0.05, eval_nms_thresh=0.3, backend='auto'):
         super().__init__()
-        self.backend = backend  # for predict's NMS; the RPN and head hold their own
         self.extractor, self.rpn, self.head = extractor, rpn, head
-        self.min_size, self.max_size, self.normalization = min_size, max_size, normalization
-        self.register_buffer('loc_normalize_std', torch.tensor(loc_normalize_std),
-                             persistent=False)
+        self.transform = transform or ImageTransform()
+        self.anchor_target_creator = anchor_target_creator or AnchorTargetCreator()
+        self.proposal_target_creator = proposal_target_creator or ProposalTargetCreator()
+        self.rpn_sigma, self.roi_sigma = rpn_sigma, roi_sigma
+        evaluate = dict(score_thresh=eval_score_thresh, nms_thresh=eval_nms_thresh)
+        self.presets = {'evaluate': evaluate, 'visualize': VISUALIZE}
+        self.backend = backend  # for predict's NMS; the RPN and head hold their own
+        # predict decodes the head's locs with the std its targets were divided by
+        std = self.proposal_target_creator.loc_normalize_std
+        self.register_buffer('loc_normalize_std', torch.tensor(std), persistent=False)
 
     @property
     def n_class(self):
         return self.head.n_class
 
-    def forward(self, images, img_sizes, scales):
-        """Scores and box offsets for every proposal (the test-time path of the figure).
+    def forward(self, images, img_sizes, scales, gt_bboxes=None, gt_labels=None,
+                generator=None):
+        """The figure: features, proposals, and the head's scores and locs for each proposal;
+        with ground truth, the four losses instead.
 
         Args:
             images: (N, 3, H, W) normalised, padded images.
-            img_sizes: N (height, width) true sizes; scales: N resize factors.
+            img_sizes: N (height, width) true input sizes; scales: N resize factors.
+            gt_bboxes, gt_labels: N tensors (G_i, 4) in input pixels and (G_i,) in
+                0..n_fg_class-1, on the images' device; None at test time.
+            generator: drives the sampling of the training targets.
 
         Returns:
-            roi_cls_locs (R, C * 4), roi_scores (R, C), rois (R, 4), roi_indices (R,).
+            Without ground truth: roi_cls_locs (R, C * 4), roi_scores (R, C), rois (R, 4),
+            roi_indices (R,). With it: a dict of the four float32 losses (LOSS_NAMES) and
+            their sum, 'total_loss'.
         """
         features = self.extractor(images)
-        _, _, rois, roi_indices, _ = self.rpn(features, img_sizes, scales)
-        roi_cls_locs, roi_scores = self.head(features, rois, roi_indices)
-        return roi_cls_locs, roi_scores, rois, roi_indices
+        rpn_locs, rpn_scores, rois, roi_indices, anchor = self.rpn(features, img_sizes, scales)
+        if gt_bboxes is None:
+            roi_cls_locs, roi_scores = self.head(features, rois, roi_indices)
+            return roi_cls_locs, roi_scores, rois, roi_indices
 
-    def preprocess(self, images):
-        """Resizes and normalises original images as the training data was.
+        gt_rpn_locs, gt_rpn_labels, sample_rois, sample_indices, gt_roi_locs, gt_roi_labels = (
+            self.targets(anchor, rois, roi_indices, img_sizes, gt_bboxes, gt_labels, generator))
+        roi_cls_locs, roi_scores = self.head(features, sample_rois, sample_indices)
+        # The four losses of eq. 1, in LOSS_NAMES order; the RPN's over all N * K anchors.
+        losses = dict(zip(LOSS_NAMES, (
+            *rpn_losses(rpn_locs.reshape(-1, 4), rpn_scores.reshape(-1, 2), gt_rpn_locs,
+                        gt_rpn_labels, self.rpn_sigma),
+            *roi_losses(roi_cls_locs, roi_scores, gt_roi_locs, gt_roi_labels, self.roi_sigma))))
+        losses['total_loss'] = sum(losses.values())
+        return losses
 
-        Returns (N, 3, H, W) batch, N (height, width) input sizes, N scales.
-        """
-        resized, scales = zip(*(resize_image(img, self.min_size, self.max_size)
-                                for img in images))
-        sizes = [tuple(img.shape[1:]) for img in resized]
-        batch = normalize(pad_images(resized), self.normalization)
-        return batch, sizes, list(scales)
+    def targets(self, anchor, rois, roi_indices, img_sizes, gt_bboxes, gt_labels, generator):
+        """Training targets of the batch: for the RPN, every anchor of every image, (N*K, 4)
+        locs and (N*K,) labels; for the head, S sampled RoIs (S, 4), their images (S,), locs
+        (S, 4) and labels (S,). See targets.py."""
+        rpn_targets, roi_targets = [], []
+        for i, (gt_bbox, gt_label) in enumerate(zip(gt_bboxes, gt_labels, strict=True)):
+            rpn_targets.append(self.anchor_target_creator(gt_bbox, anchor, img_sizes[i],
+                                                          generator))
+            roi, loc, label = self.proposal_target_creator(rois[roi_indices == i], gt_bbox,
+                                                           gt_label, generator)
+            roi_targets.append((roi, torch.full_like(label, i), loc, label))
+        gt_rpn_locs, gt_rpn_labels = (torch.cat(column) for column in zip(*rpn_targets))
+        return gt_rpn_locs, gt_rpn_labels, *(torch.cat(column) for column in zip(*roi_targets))
 
     @torch.no_grad()
     def predict(self, images, sizes=None, preset='evaluate', **overrides):
@@ -92,14 +140,14 @@ class FasterRCNN(nn.Module):
         Args:
             images: a list of (3, H_i, W_i) float32 RGB 0..255 tensors, or an (N, 3, H, W)
                 batch of such images zero-padded, with ``sizes`` giving each one's (H_i, W_i).
-            preset: 'evaluate' or 'visualize' (see PRESETS); ``overrides`` replaces any of its
-                score_thresh, nms_thresh, max_per_image.
+            preset: 'evaluate' (the paper's test thresholds) or 'visualize' (confident boxes
+                only); ``overrides`` replaces its score_thresh, nms_thresh or max_per_image.
 
         Returns:
             Three lists over images: bboxes (K, 4) float32 x_min y_min x_max y_max in original
             pixels, labels (K,) int64 in 0..C-2, scores (K,) float32, highest score first.
         """
-        params = {**PRESETS[preset], **overrides}
+        params = {'max_per_image': MAX_PER_IMAGE, **self.presets[preset], **overrides}
         if sizes is not None:
             images = [img[:, :h, :w] for img, (h, w) in zip(images, sizes)]
         device = next(self.parameters()).device
@@ -107,7 +155,7 @@ class FasterRCNN(nn.Module):
         was_training = self.training
         self.eval()  # predict leaves the module as it found it
         try:
-            batch, input_sizes, scales = self.preprocess(images)
+            batch, input_sizes, scales = self.transform(images)
             roi_cls_locs, roi_scores, rois, roi_indices = self(batch, input_sizes, scales)
         finally:
             self.train(was_training)
@@ -117,6 +165,7 @@ class FasterRCNN(nn.Module):
 
     def _postprocess(self, roi_cls_locs, roi_scores, rois, roi_indices, input_sizes, orig_sizes,
                      score_thresh, nms_thresh, max_per_image):
+        """Per-class boxes and probabilities -> thresholded, class-wise NMS, per-image lists."""
         n_roi, n_class = roi_scores.shape
         n_fg = n_class - 1
         loc = roi_cls_locs.view(n_roi, n_class, 4)[:, 1:] * self.loc_normalize_std  # (R, C-1, 4)
@@ -129,7 +178,8 @@ class FasterRCNN(nn.Module):
         bbox, prob, label, image = bbox[keep], prob[keep], label[keep], image[keep]
         for i, (input_size, orig_size) in enumerate(zip(input_sizes, orig_sizes)):
             mine = image == i
-            bbox[mine] = resize_bbox(clip_bbox(bbox[mine], input_size), input_size, orig_size)
+            bbox[mine] = resize_bbox(clip_boxes_to_image(bbox[mine], input_size), input_size,
+                                     orig_size)
         # Class-wise NMS for all images in one call: each (image, class) pair is its own group.
         kept = batched_non_maximum_suppression(bbox, prob, image * n_fg + label, nms_thresh,
                                                backend=self.backend)  # highest score first
@@ -148,3 +198,33 @@ class FasterRCNN(nn.Module):
             raise ValueError(f'the weights are for {state_dict[key].shape[0] - 1} classes, '
                              f'the model has {self.n_class - 1}')
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def build_faster_rcnn(
+        n_fg_class, extractor='vgg16', weights_path=None, *, roi_size=7,
+        anchor_scales=(8, 16, 32), anchor_ratios=(0.5, 1, 2), min_size=600, max_size=1000,
+        normalization='torchvision', backend='auto', rpn_nms_thresh=0.7, n_train_pre_nms=12000,
+        n_train_post_nms=2000, n_test_pre_nms=6000, n_test_post_nms=300, rpn_min_size=16,
+        rpn_n_sample=256, rpn_pos_iou_thresh=0.7, rpn_neg_iou_thresh=0.3, rpn_pos_ratio=0.5,
+        roi_n_sample=128, roi_pos_ratio=0.25, roi_pos_iou_thresh=0.5, roi_neg_iou_thresh_hi=0.5,
+        roi_neg_iou_thresh_lo=0.0, rpn_sigma=3.0, roi_sigma=1.0, eval_score_thresh=0.05,
+        eval_nms_thresh=0.3):
+    """The whole detector for ``n_fg_class`` foreground classes, with the paper's defaults.
+
+    extractor: a backbone name (backbones.BACKBONES); weights_path: its pre-trained weights.
+    Every keyword is the Config field of the same name (utils/config.py says what each does),
+    so that a checkpoint can store them and rebuild the model without the Config.
+    """
+    features, classifier, n_channels, n_features = build_backbone(extractor, weights_path,
+                                                                  roi_size)
+    proposal_creator = ProposalCreator(rpn_nms_thresh, n_train_pre_nms, n_train_post_nms,
+                                       n_test_pre_nms, n_test_post_nms, rpn_min_size, backend)
+    rpn = RegionProposalNetwork(n_channels, n_channels, anchor_ratios, anchor_scales,
+                                FEAT_STRIDE, proposal_creator)
+    head = RoIHead(n_fg_class + 1, roi_size, 1 / FEAT_STRIDE, classifier, n_features, backend)
+    return FasterRCNN(
+        features, rpn, head, ImageTransform(min_size, max_size, normalization),
+        AnchorTargetCreator(rpn_n_sample, rpn_pos_iou_thresh, rpn_neg_iou_thresh, rpn_pos_ratio),
+        ProposalTargetCreator(roi_n_sample, roi_pos_ratio, roi_pos_iou_thresh,
+                              roi_neg_iou_thresh_hi, roi_neg_iou_thresh_lo),
+        rpn_sigma, roi_sigma, eval_score_thresh, eval_nms_thresh, backend)

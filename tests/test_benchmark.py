@@ -2,11 +2,9 @@ import json
 
 import torch
 
-from data.util import normalize
 from misc.benchmark import STAGES, StageClock, main, synthetic_batch, torchvision_twin
-from model.faster_rcnn_vgg16 import build_faster_rcnn
-from model.utils.creator_tool import ProposalCreator
-from trainer import FasterRCNNWithLosses
+from model.faster_rcnn import build_faster_rcnn
+from model.transform import normalize
 
 
 def test_smoke_tiny_images(tmp_path, capsys):
@@ -35,7 +33,7 @@ def test_smoke_tiny_images(tmp_path, capsys):
 def test_torchvision_twin_matches_our_weights_and_sizes():
     torch.manual_seed(0)
     ours = build_faster_rcnn(3, 'vgg16', min_size=64, max_size=96)
-    theirs = torchvision_twin(FasterRCNNWithLosses(ours), 64, 96).eval()
+    theirs = torchvision_twin(ours, 64, 96).eval()
     images, bboxes, labels = synthetic_batch(1, 64, 96, 3, seed=0)
     image_list, _ = theirs.transform([images[0] / 255])
     assert image_list.tensors.shape == (1, 3, 64, 96)  # no resize, no padding
@@ -57,9 +55,9 @@ def test_torchvision_twin_matches_our_weights_and_sizes():
 
 def test_no_proposals_gives_no_boxes_on_both_sides():
     torch.manual_seed(0)
-    ours = build_faster_rcnn(2, 'vgg16', proposal_creator=ProposalCreator(min_size=1000),
-                             min_size=64, max_size=96)  # every proposal is under 1000 px
-    theirs = torchvision_twin(FasterRCNNWithLosses(ours), 64, 96).eval()
+    ours = build_faster_rcnn(2, 'vgg16', rpn_min_size=1000, min_size=64,
+                             max_size=96)  # every proposal is under 1000 px
+    theirs = torchvision_twin(ours, 64, 96).eval()
     images, _, _ = synthetic_batch(1, 64, 96, 2, seed=0)
     assert ours.predict(list(images))[0][0].shape == (0, 4)
     with torch.no_grad():

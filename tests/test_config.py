@@ -132,3 +132,26 @@ def test_validation_hold_out_scales_with_the_split():
     with pytest.raises(ValueError, match=r'--n-val-images=300 would hold out more than half of '
                                          r'the 250 images .* use --n-val-images=25 \(10%\) or 0'):
         Config(n_val_images=300).n_val(250)
+
+
+def test_choices_agree_with_the_modules_that_take_them():
+    # The Config lists the valid values itself, so that no library module imports it.
+    from data.dataset import DATASETS
+    from model.backbones import BACKBONES
+    from model.ops import BACKENDS
+    from model.transform import NORMALIZATION
+    from utils.config import CHOICES
+    assert CHOICES['dataset'] == DATASETS and CHOICES['extractor'] == BACKBONES
+    assert CHOICES['backend'] == BACKENDS and CHOICES['normalization'] == tuple(NORMALIZATION)
+
+
+def test_every_model_option_is_a_config_field():
+    import inspect
+
+    from model.faster_rcnn import build_faster_rcnn
+    from train import model_options
+    keywords = inspect.signature(build_faster_rcnn).parameters
+    options = model_options(Config())
+    # all but the weights file (a path on this machine) and the pooled size (fixed by fc6)
+    assert set(keywords) - set(options) == {'n_fg_class', 'weights_path', 'roi_size'}
+    assert options['eval_nms_thresh'] == 0.3 and options['extractor'] == 'small'

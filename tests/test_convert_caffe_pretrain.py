@@ -8,7 +8,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'misc'))
 from convert_caffe_pretrain import main as convert  # noqa: E402
 
-from model.faster_rcnn_vgg16 import build_faster_rcnn  # noqa: E402
+from model.faster_rcnn import build_faster_rcnn  # noqa: E402
 
 
 @pytest.fixture(scope='module')

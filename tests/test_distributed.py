@@ -18,7 +18,8 @@ from torch import nn
 
 from data.dataset import collate_train
 from train import build_model
-from trainer import FasterRCNNTrainer, load_checkpoint
+from trainer import FasterRCNNTrainer
+from utils.checkpoint import load_checkpoint
 from utils.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,14 +82,14 @@ def test_ddp_step_equals_one_process_with_the_whole_batch(tmp_path):
     model = model_without_batchnorm(tiny_config())
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = FasterRCNNTrainer(model, tiny_config())
-    n_rois, creator = [], trainer.net.proposal_target_creator
+    n_rois, creator = [], model.proposal_target_creator
 
     def counting_creator(*args):
         sample = creator(*args)
         n_rois.append(len(sample[2]))
         return sample
 
-    trainer.net.proposal_target_creator = counting_creator
+    model.proposal_target_creator = counting_creator
     trainer.train_step(collate_train(samples))
     # The batch's losses are means over both images' samples; DDP averages per-image means.
     # The two agree because both images have the same number of samples (RPN: same size).
@@ -114,7 +115,7 @@ def losses_and_grads(amp, steps=1):
     model = build_model(cfg, 3)
     dtypes = {}
     model.extractor.register_forward_hook(lambda m, i, out: dtypes.update(features=out.dtype))
-    model.head.roi.register_forward_pre_hook(lambda m, args: dtypes.update(pool=args[0].dtype))
+    model.head.pool.register_forward_pre_hook(lambda m, args: dtypes.update(pool=args[0].dtype))
     trainer = FasterRCNNTrainer(model, cfg)
     batch = collate_train(two_samples())
     losses = []

@@ -19,10 +19,10 @@ import torch
 from conftest import tiny_run_options
 from PIL import Image
 
-import trainer
+import utils.checkpoint
 from data.util import DataError
 from train import detect, main, new_run_dir, train
-from trainer import CheckpointError, load_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,11 +232,11 @@ def test_resume_without_a_run_names_the_path(tmp_path):
 def test_full_disk_names_the_checkpoint_and_leaves_no_temporary_file(trained_run, tmp_path):
     state = load_checkpoint(trained_run / 'last.pt')
     path = tmp_path / 'last.pt'
-    trainer.save_checkpoint(state, path)
+    utils.checkpoint.save_checkpoint(state, path)
     os.symlink('/dev/full', f'{path}.tmp')  # writing there fails with ENOSPC, like a full disk
     with pytest.raises(CheckpointError, match=rf'cannot write checkpoint {path}: no space left '
                                               r'on device'):
-        trainer.save_checkpoint(state, path)
+        utils.checkpoint.save_checkpoint(state, path)
     assert not os.path.lexists(f'{path}.tmp')
     assert load_checkpoint(path)['step'] == state['step']  # the previous one is intact
 

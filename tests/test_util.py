@@ -5,17 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.util import (
-    DataError,
-    denormalize,
-    flip_bbox,
-    normalize,
-    read_image,
-    resize_bbox,
-    resize_image,
-    resized_size,
-    size_problem,
-)
+from data.util import DataError, flip_bbox, read_image, size_problem
 
 RGB = np.array([[[10, 20, 30], [40, 50, 60]]], dtype=np.uint8)  # (H=1, W=2, 3)
 
@@ -90,27 +80,6 @@ def test_read_truncated_jpeg(tmp_path):
         read_image(path)
 
 
-@pytest.mark.parametrize('height, width, size, scale', [
-    (300, 400, (600, 800), 2.0),  # short side reaches min_size
-    (500, 500, (600, 600), 1.2),
-    (200, 1000, (200, 1000), 1.0),  # long side capped by max_size
-    (1000, 300, (1000, 300), 1.0),
-    (375, 500, (600, 800), 1.6),
-    (333, 500, (600, 901), 600 / 333),
-])
-def test_resize_image_sizes(height, width, size, scale):
-    img, got_scale = resize_image(torch.zeros(3, height, width), 600, 1000)
-    assert img.shape == (3, *size)
-    assert got_scale == pytest.approx(scale)
-
-
-def test_resized_size_is_what_resize_image_makes():
-    for height, width in ((300, 400), (1, 1), (100, 10000), (333, 500)):
-        size, scale = resized_size((height, width), 600, 1000)
-        img, got_scale = resize_image(torch.zeros(3, height, width), 600, 1000)
-        assert tuple(img.shape[1:]) == size and got_scale == scale
-
-
 @pytest.mark.parametrize('size, problem', [
     ((375, 500), None),
     ((16, 16), None),  # 16 px: a proposal of the whole image survives --rpn-min-size
@@ -128,22 +97,6 @@ def test_size_problem(size, problem):
         assert re.match(problem, found)
 
 
-def test_resize_image_keeps_constant_and_range():
-    img = torch.full((3, 40, 60), 77.0)
-    assert torch.allclose(resize_image(img, 20, 100)[0], img[:, :20, :30])
-    noise = torch.rand(3, 50, 70) * 255
-    for min_size in (10, 120):  # down (antialiased) and up
-        out = resize_image(noise, min_size, 1000)[0]
-        assert out.min() >= -1e-3 and out.max() <= 255 + 1e-3
-
-
-def test_resize_bbox_by_hand():
-    bbox = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
-    out = resize_bbox(bbox, (100, 200), (50, 400))  # y x0.5, x x2
-    assert out.tolist() == [[20.0, 10.0, 60.0, 20.0]]
-    assert resize_bbox(torch.zeros(0, 4), (1, 1), (2, 2)).shape == (0, 4)
-
-
 def test_flip_bbox_by_hand_and_twice():
     bbox = torch.tensor([[10.0, 20.0, 30.0, 40.0], [0.0, 0.0, 100.0, 5.0]])
     flipped = flip_bbox(bbox, (50, 100))
@@ -158,31 +111,3 @@ def test_flip_bbox_matches_flipped_image():
     ys, xs = torch.nonzero(img.flip(-1)[0], as_tuple=True)
     expected = [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
     assert flip_bbox(torch.tensor([[3.0, 2.0, 8.0, 5.0]]), (10, 20)).tolist() == [expected]
-
-
-def test_caffe_normalize_by_hand():
-    img = torch.zeros(3, 2, 2)
-    img[:, 1, 0] = torch.tensor([10.0, 20.0, 30.0])  # R, G, B
-    out = normalize(img, 'caffe')
-    assert out[:, 1, 0].tolist() == pytest.approx([30 - 102.9801, 20 - 115.9465, 10 - 122.7717])
-
-
-def test_torchvision_normalize_by_hand():
-    img = torch.full((3, 1, 1), 255.0)
-    out = normalize(img, 'torchvision')[:, 0, 0]
-    assert out.tolist() == pytest.approx([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224,
-                                          (1 - 0.406) / 0.225], rel=1e-6)
-
-
-@pytest.mark.parametrize('mode', ['caffe', 'torchvision'])
-@pytest.mark.parametrize('shape', [(3, 4, 5), (2, 3, 4, 5)])
-def test_normalize_round_trip(mode, shape):
-    img = torch.rand(shape) * 255
-    assert torch.allclose(denormalize(normalize(img, mode), mode), img, atol=1e-3)
-
-
-def test_unknown_normalization():
-    with pytest.raises(ValueError, match="'Caffe'.*valid: caffe, torchvision"):
-        normalize(torch.zeros(3, 1, 1), 'Caffe')
-    with pytest.raises(ValueError, match='valid'):
-        denormalize(torch.zeros(3, 1, 1), 'imagenet')

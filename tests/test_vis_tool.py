@@ -82,9 +82,8 @@ def _assert_silent_noop(visualizer, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         visualizer.plot('loss', 1.0, 0)
-        visualizer.plot_many({'a': 1.0, 'b': torch.tensor(2.0)}, 1)
+        visualizer.plot('b', torch.tensor(2.0), 1)
         visualizer.img('image', np.zeros((3, 8, 8), np.uint8))
-        visualizer.text('hello')
     assert not visualizer.connected
     assert capsys.readouterr() == ('', '')
 
@@ -132,9 +131,8 @@ def test_visualizer_with_real_server(tmp_path, capsys):
             assert visualizer.connected
             for x, y in enumerate([1.0, 0.5, 0.25]):
                 visualizer.plot('loss', y, x)
-            visualizer.plot_many({'loss': 0.125, 'map': 0.3}, 3)
-            visualizer.text('first')
-            visualizer.text('second')
+            visualizer.plot('loss', 0.125, 3)
+            visualizer.plot('map', 0.3, 3)
             visualizer.img('image', bbox_image(np.zeros((3, 16, 16)), BBOX))
 
         def window(win):
@@ -143,7 +141,6 @@ def test_visualizer_with_real_server(tmp_path, capsys):
         line = window('loss')['content']['data'][0]
         assert line['x'] == [0, 1, 2, 3] and line['y'] == [1.0, 0.5, 0.25, 0.125]
         assert window('map')['content']['data'][0]['y'] == [0.3]
-        assert window('log')['content'] == 'first<br>second'
         assert window('image')['type'] == 'image'
     finally:
         server.terminate()

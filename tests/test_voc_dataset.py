@@ -277,13 +277,13 @@ def _truncated_jpeg_dir(root):
 
 def test_check_images_catches_truncated_jpeg(tmp_path):
     root = _truncated_jpeg_dir(tmp_path)
-    with pytest.raises(DataError, match=r'b\.jpg: corrupt image \(OSError: image file is trunc'):
+    with pytest.raises(DataError, match=r'b\.jpg: cannot read image \(OSError: image file is tr'):
         VOCBboxDataset(root, check_images=True)
     with pytest.warns(UserWarning) as record:
         dataset = VOCBboxDataset(root, skip_bad=True, check_images=True)
     assert dataset.ids == ['a', 'c'] and dataset.skipped == [root / 'b.xml']
     messages = [str(w.message) for w in record]
-    assert len(messages) == 2 and messages[0].startswith(f'skipping: {root / "b.jpg"}: corrupt')
+    assert len(messages) == 2 and messages[0].startswith(f'skipping: {root / "b.jpg"}: cannot read')
     assert messages[1] == f"{root}: skipped 1 bad files of split 'trainval'"
     assert not ImageFile.LOAD_TRUNCATED_IMAGES  # or PIL would pad the image silently
 

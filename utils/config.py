@@ -1,10 +1,10 @@
 """Every option of a run, its default and why: one dataclass, built once in train.py.
 
-Defaults are the paper's and the original Caffe port's (see DESIGN.md). Fields left at ``None``
-take a default that depends on other options: ``DATASET_DEFAULTS`` (the toy dataset trains a
-small extractor on small images so that it learns on a CPU in minutes), ``EXTRACTOR_DEFAULTS``,
-and weights files that name their backbone (--caffe-pretrain and --pretrained-path hold VGG16).
-An explicit option always wins.
+Defaults are the paper's and the original Caffe port's; the model/ file that uses each says
+where it comes from. Fields left at ``None`` take a default that depends on other options:
+``DATASET_DEFAULTS`` (the toy dataset trains a small extractor on small images so that it
+learns on a CPU in minutes), ``EXTRACTOR_DEFAULTS``, and weights files that name their backbone
+(--caffe-pretrain and --pretrained-path hold VGG16). An explicit option always wins.
 
 Values arrive from the command line through fire, which hands over strings, numbers, lists or
 tuples as it guesses them (``--amp=false`` is the string 'false', ``--epochs=1.5`` a float).
@@ -19,9 +19,6 @@ import types
 import typing
 from dataclasses import dataclass
 
-from data.dataset import DATASETS
-from model.utils.backend import BACKENDS
-
 # Per-dataset values for the fields whose default is None.
 DATASET_DEFAULTS = {
     'toy': dict(extractor='small', min_size=256, max_size=400, anchor_scales=(2, 4, 8),
@@ -34,13 +31,16 @@ EXTRACTOR_DEFAULTS = {'vgg16': dict(lr=1e-3), 'small': dict(lr=0.01)}
 # Held out of the training split for the per-epoch mAP: this fraction of it, at most the cap.
 VAL_FRACTION, VAL_CAP = 0.1, 300
 
+# The valid values of the options with a fixed set of them. The modules that take these
+# values (data.dataset.DATASETS, model.backbones.BACKBONES, model.transform.NORMALIZATION,
+# model.ops.BACKENDS) do not import the Config; tests/test_config.py checks they agree.
 CHOICES = {
-    'dataset': DATASETS,
+    'dataset': ('voc07', 'voc0712', 'custom', 'toy'),
     'extractor': ('vgg16', 'small'),
     'normalization': ('caffe', 'torchvision'),
     'optimizer': ('sgd', 'adam'),
     'device': ('auto', 'cpu', 'cuda'),
-    'backend': BACKENDS,
+    'backend': ('auto', 'cupy', 'torchvision'),
     'lr_scaling': ('none', 'linear'),
 }
 # What a resumed run cannot change: the model's shape and the weights it came from, the
@@ -49,6 +49,18 @@ CHOICES = {
 FIXED_ON_RESUME = ('dataset', 'class_names', 'extractor', 'anchor_scales', 'anchor_ratios',
                    'normalization', 'caffe_pretrain', 'caffe_pretrain_path', 'pretrained_path',
                    'optimizer', 'seed', 'n_val_images', 'out_dir', 'run_name')
+# Numeric options that must lie in a range (None, where allowed, is not checked).
+RANGES = {
+    'positive': ('lr', 'min_size', 'max_size', 'epochs', 'batch_size', 'rpn_n_sample',
+                 'roi_n_sample', 'plot_every', 'n_test_post_nms', 'n_train_post_nms',
+                 'n_train_pre_nms', 'n_test_pre_nms', 'test_n_images'),
+    '>= 0': ('weight_decay', 'momentum', 'n_val_images', 'num_workers', 'rpn_min_size',
+             'eval_score_thresh'),
+    'in (0, 1]': ('rpn_pos_ratio', 'roi_pos_ratio', 'rpn_nms_thresh', 'eval_nms_thresh',
+                  'lr_decay', 'rpn_pos_iou_thresh', 'roi_pos_iou_thresh'),
+}
+RANGE_CHECKS = {'positive': lambda v: v > 0, '>= 0': lambda v: v >= 0,
+                'in (0, 1]': lambda v: 0 < v <= 1}
 TRUE_WORDS, FALSE_WORDS = ('true', 'yes', '1', 'on'), ('false', 'no', '0', 'off')
 
 
@@ -158,10 +170,9 @@ class Config:
     batch_size: int = 1                # images per step and process; the paper uses 1
     amp: bool = False                  # mixed precision: bf16 on CPU, fp16 + GradScaler on CUDA
 
-    # --- evaluation ---
-    eval_score_thresh: float = 0.05
-    eval_nms_thresh: float = 0.3
-    use_07_metric: bool = True         # VOC07 11-point AP, the paper's number
+    # --- evaluation (predict's 'evaluate' preset; mAP is VOC07 11-point, the paper's) ---
+    eval_score_thresh: float = 0.05    # keep detections scoring above this
+    eval_nms_thresh: float = 0.3       # class-wise NMS of the detections
 
     # --- run ---
     device: str = 'auto'
@@ -202,23 +213,11 @@ class Config:
             if getattr(self, name) not in valid:
                 raise ValueError(f'{option_name(name)}={getattr(self, name)!r} is not valid; '
                                  f'choose one of {", ".join(valid)}')
-        positive = ('lr', 'min_size', 'max_size', 'epochs', 'batch_size',
-                    'rpn_n_sample', 'roi_n_sample', 'plot_every', 'n_test_post_nms',
-                    'n_train_post_nms', 'n_train_pre_nms', 'n_test_pre_nms', 'test_n_images')
-        for name in positive:
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f'{option_name(name)} must be positive, got {value!r}')
-        for name in ('weight_decay', 'momentum', 'n_val_images', 'num_workers', 'rpn_min_size',
-                     'eval_score_thresh'):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f'{option_name(name)} must be >= 0, got {value!r}')
-        for name in ('rpn_pos_ratio', 'roi_pos_ratio', 'rpn_nms_thresh', 'eval_nms_thresh',
-                     'lr_decay', 'rpn_pos_iou_thresh', 'roi_pos_iou_thresh'):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f'{option_name(name)} must be in (0, 1], '
-                                 f'got {getattr(self, name)!r}')
+        for what, names in RANGES.items():
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and not RANGE_CHECKS[what](value):
+                    raise ValueError(f'{option_name(name)} must be {what}, got {value!r}')
         if self.min_size > self.max_size:
             raise ValueError(f'--min-size ({self.min_size}) must not exceed '
                              f'--max-size ({self.max_size})')
@@ -267,7 +266,7 @@ class Config:
             if name not in fields:
                 close = difflib.get_close_matches(name, sorted(fields), n=3)
                 hint = f'; did you mean {", ".join(map(option_name, close))}?' if close else ''
-                raise ValueError(f'unknown option --{key}{hint}')
+                raise ValueError(f'unknown option {option_name(name)}{hint}')
             options[name] = _coerce(name, fields[name].type, value)
         return options
 

@@ -116,19 +116,9 @@ class Visualizer:
         self._call('line', Y=np.array([float(y)]), X=np.array([float(x)]), win=name,
                    opts={'title': name}, update='append' if self._seen(name) else None)
 
-    def plot_many(self, values, x):
-        """plot(name, y, x) for each name: y in the dict."""
-        for name, y in values.items():
-            self.plot(name, y, x)
-
     def img(self, name, img):
         """Show a (3, H, W) uint8 RGB image in the window `name`."""
         self._call('image', _numpy(img), win=name, opts={'title': name})
-
-    def text(self, text, win='log', append=True):
-        """Write text (HTML allowed) to the window `win`; append adds it below what it shows."""
-        # visdom appends only to a window that exists, so the first text of a run creates it.
-        self._call('text', text, win=win, opts={'title': win}, append=self._seen(win) and append)
 
     def _seen(self, win):
         """Whether this run already wrote to `win`; marks it as written."""

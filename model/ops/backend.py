@@ -1,12 +1,13 @@
 """The one place that picks the backend of NMS and RoI pooling, and the CuPy plumbing.
 
-Backends: 'cupy' runs our CUDA kernels (model/utils/nms, model/roi_module.py) through CuPy;
+Backends: 'cupy' runs our CUDA kernels (nms.cu, roi_pool.cu beside this file) through CuPy;
 'torchvision' uses torchvision.ops; 'auto' takes CuPy for CUDA tensors when CuPy imports and
 can launch a kernel on that device, torchvision.ops otherwise. CuPy is optional: nothing here
 imports it until a CUDA tensor asks for it.
 """
 import functools
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -50,14 +51,16 @@ def use_cupy(tensor, backend='auto'):
 
 
 @functools.cache
-def compile_kernel(source, name, dtype=torch.float32):
-    """The kernel `name` of CUDA `source`, compiled once with scalar_t = float or double.
+def compile_kernel(source_file, name, dtype=torch.float32):
+    """The kernel `name` of the CUDA file `source_file` (in model/ops), compiled once with
+    scalar_t = float or double.
 
     Compiled without FMA contraction so that every multiply and add rounds as on the CPU,
     which keeps box arithmetic bit-identical to torchvision's CPU ops.
     """
     import cupy
     scalar = {torch.float32: 'float', torch.float64: 'double'}[dtype]
+    source = Path(__file__).with_name(source_file).read_text()
     return cupy.RawKernel(f'typedef {scalar} scalar_t;\n{source}', name, options=('--fmad=false',))
 
 

@@ -1,19 +1,17 @@
-"""CUDA source of the bitmask NMS, compiled by model.utils.backend with scalar_t = float/double.
+// Bitmask NMS, compiled by model/ops/backend.py with scalar_t = float or double.
+//
+// Boxes are sorted by score (highest first) before the kernels run, so "box i" is the i-th
+// highest. n boxes make col_blocks = ceil(n / 64) column blocks of 64 boxes each.
+//
+// nms_mask: grid (col_blocks, col_blocks), 64 threads. Block (x = column block, y = row block)
+// stages its 64 column boxes in shared memory; thread t takes row box i = 64 * y + t and sets
+// bit k of mask[i, x] when box i overlaps box 64 * x + k with IoU > thresh and 64 * x + k > i.
+// Words left of the diagonal (x < y) are never read, so they are never written.
+//
+// nms_reduce: one block walks the boxes in order with a `removed` bitset of col_blocks words in
+// shared memory: a box whose bit is clear is kept, and its mask row is OR-ed into `removed` by
+// all threads together. It stops after max_keep kept boxes and writes keep[i] = 1 for kept i.
 
-Boxes are sorted by score (highest first) before the kernels run, so "box i" is the i-th
-highest. n boxes make col_blocks = ceil(n / 64) column blocks of 64 boxes each.
-
-nms_mask: grid (col_blocks, col_blocks), 64 threads. Block (x = column block, y = row block)
-stages its 64 column boxes in shared memory; thread t takes row box i = 64 * y + t and sets
-bit k of mask[i, x] when box i overlaps box 64 * x + k with IoU > thresh and 64 * x + k > i.
-Words left of the diagonal (x < y) are never read, so they are never written.
-
-nms_reduce: one block walks the boxes in order with a `removed` bitset of col_blocks words in
-shared memory: a box whose bit is clear is kept, and its mask row is OR-ed into `removed` by
-all threads together. It stops after max_keep kept boxes and writes keep[i] = 1 for kept i.
-"""
-
-NMS_SOURCE = r'''
 // IoU(a, b) > thresh with continuous coordinates (no +1), in the order of operations of
 // torchvision's CPU nms; thresh is a double as there, so the comparison rounds the same.
 __device__ bool iou_above(const scalar_t* a, const scalar_t* b, const double thresh) {
@@ -62,4 +60,3 @@ extern "C" __global__ void nms_reduce(const unsigned long long* mask, const int 
     __syncthreads();
   }
 }
-'''

@@ -5,15 +5,14 @@ continuous coordinates (w = x_max - x_min, no +1): exactly torchvision.ops.nms.
 
 The CuPy path is the bitmask scheme of the original Faster R-CNN port, with one change: that
 port copied the (R, ceil(R / 64)) mask to the host and reduced it there in a loop (optionally
-in Cython); here a second kernel reduces it on the device (see _kernels.py), so there is no
+in Cython); here a second kernel reduces it on the device (see nms.cu), so there is no
 host round trip but the final count of kept boxes. The CUDA kernels are compiled without FMA
 contraction, so they return exactly torchvision's CPU result for boxes in the same order.
 """
 import torch
 import torchvision
 
-from model.utils import backend as _backend
-from model.utils.nms._kernels import NMS_SOURCE
+from model.ops import backend as _backend
 
 # One block keeps the `removed` bitset (8 bytes per 64 boxes) in 48 KiB of shared memory.
 _MAX_CUPY_BOXES = 48 * 1024 // 8 * 64
@@ -27,7 +26,7 @@ def non_maximum_suppression(bbox, thresh, score=None, limit=None, backend='auto'
         thresh: a box is dropped if its IoU with a kept higher-priority box is > thresh.
         score: (R,) float or None. Priority is by descending score; None: the given order.
         limit: keep at most this many (the first `limit` of the full result), None: all.
-        backend: 'auto' | 'cupy' | 'torchvision', see model.utils.backend.use_cupy.
+        backend: 'auto' | 'cupy' | 'torchvision', see model.ops.backend.use_cupy.
 
     Returns:
         (K,) int64 indices into bbox, on bbox's device.
@@ -60,8 +59,8 @@ def _nms_cupy(bbox, thresh, score, limit):
     col_blocks = (n_bbox + 63) // 64
     mask = torch.empty(n_bbox * col_blocks, dtype=torch.int64, device=bbox.device)
     keep = torch.zeros(n_bbox, dtype=torch.uint8, device=bbox.device)
-    mask_kernel = _backend.compile_kernel(NMS_SOURCE, 'nms_mask', bbox.dtype)
-    reduce_kernel = _backend.compile_kernel(NMS_SOURCE, 'nms_reduce', bbox.dtype)
+    mask_kernel = _backend.compile_kernel('nms.cu', 'nms_mask', bbox.dtype)
+    reduce_kernel = _backend.compile_kernel('nms.cu', 'nms_reduce', bbox.dtype)
     _backend.launch(mask_kernel, (col_blocks, col_blocks), (64,),
                     (sorted_bbox, n_bbox, float(thresh), mask))
     _backend.launch(reduce_kernel, (1,), (256,), (mask, n_bbox, limit, keep),
@@ -72,8 +71,9 @@ def _nms_cupy(bbox, thresh, score, limit):
 def batched_non_maximum_suppression(bbox, score, idxs, thresh, backend='auto'):
     """NMS independently within each group of boxes that share an idxs value, in one call.
 
-    Each group is shifted by idxs * (coordinate span + 1) so that boxes of different groups
-    never overlap, and one NMS runs on all of them.
+    torchvision.ops.batched_nms does it without CuPy. For our kernel, each group is shifted by
+    idxs * (coordinate span + 1), so that boxes of different groups never overlap, and one NMS
+    runs on all of them.
 
     Args:
         bbox: (R, 4) float, x_min y_min x_max y_max.
@@ -84,9 +84,13 @@ def batched_non_maximum_suppression(bbox, score, idxs, thresh, backend='auto'):
     Returns:
         (K,) int64 indices into bbox, by descending score over all groups.
     """
-    if bbox.shape[0] == 0:
-        return non_maximum_suppression(bbox, thresh, score, backend=backend)
     bbox = bbox if bbox.dtype == torch.float64 else bbox.float()
+    if not _backend.use_cupy(bbox, backend) or bbox.shape[0] == 0:
+        # torchvision offsets the groups by max coordinate + 1, which keeps them apart only
+        # for coordinates >= 0 (as clipped boxes are): move others there first.
+        low = bbox.min() if bbox.shape[0] else 0
+        bbox = bbox - low if low < 0 else bbox
+        return torchvision.ops.batched_nms(bbox, score.to(bbox.dtype), idxs, thresh)
     span = bbox.max() - bbox.min() + 1
     shifted = bbox + (idxs.to(bbox.dtype) * span)[:, None]  # (R, 4)
     return non_maximum_suppression(shifted, thresh, score, backend=backend)

@@ -1,51 +1,19 @@
-"""VGG16 Faster R-CNN (the paper's model) and a small variant that trains on a CPU.
+"""Backbones: the feature extractor under the RPN and the classifier inside the RoI head.
 
-Shape shorthand:
-    N  images        R  RoIs        C  classes with background
-    D  features per RoI after the classifier (4096 for VGG16's fc7)
+Paper: Ren et al. 2015, sec. 4 uses VGG16 (Simonyan & Zisserman 2015): its 13 conv layers
+(conv5_3, stride 16) are the shared features, its fc6 and fc7 the RoI head's classifier.
+'small' is a few conv layers that learn the toy dataset on a CPU in minutes.
+
+Each backbone gives (extractor, classifier, C_feat, D):
+    extractor   (N, 3, H, W) -> (N, C_feat, H / 16, W / 16)
+    classifier  (R, C_feat * 7 * 7) pooled RoIs -> (R, D)
 """
 import torch
 import torchvision
 from torch import nn
 
-from model.faster_rcnn import FasterRCNN
-from model.region_proposal_network import RegionProposalNetwork, normal_init
-from model.roi_module import RoIPooling2D
-
 FEAT_STRIDE = 16  # both extractors downsample 16x, as conv5_3 of VGG16 does
 N_FROZEN_VGG_LAYERS = 10  # conv1_1..conv2_2 with their ReLUs and pools: fixed, as in the paper
-
-
-class RoIHead(nn.Module):
-    """Pools each RoI to a fixed grid and classifies it into C classes, with per-class boxes.
-
-    Args:
-        n_class: classes including background (class 0).
-        roi_size, spatial_scale: RoI pooling grid and feature pixels per input pixel.
-        classifier: (R, C_feat * roi_size**2) -> (R, D), e.g. VGG16's fc6 and fc7.
-        n_features: D.
-    """
-
-    def __init__(self, n_class, roi_size, spatial_scale, classifier, n_features, backend='auto'):
-        super().__init__()
-        self.n_class = n_class
-        self.roi = RoIPooling2D(roi_size, roi_size, spatial_scale, backend=backend)
-        self.classifier = classifier
-        self.cls_loc = nn.Linear(n_features, n_class * 4)
-        self.score = nn.Linear(n_features, n_class)
-        normal_init(self.cls_loc, 0.001)
-        normal_init(self.score, 0.01)
-
-    def forward(self, x, rois, roi_indices):
-        """x (N, C_feat, H, W); rois (R, 4) in input pixels; roi_indices (R,) image of each.
-
-        Returns roi_cls_locs (R, C * 4) and roi_scores (R, C).
-        """
-        indices_and_rois = torch.cat([roi_indices[:, None].to(rois.dtype), rois], dim=1)  # (R, 5)
-        # Pool in float32 even under mixed precision: bf16 coordinates near 1000 px are off by 4.
-        pool = self.roi(x.float(), indices_and_rois.float())  # (R, C_feat, roi_size, roi_size)
-        fc7 = self.classifier(pool.flatten(1))  # (R, D)
-        return self.cls_loc(fc7), self.score(fc7)
 
 
 def vgg16_parts(weights_path=None):
@@ -106,18 +74,18 @@ def small_parts(roi_size=7):
     return nn.Sequential(*layers), classifier, 256, 256
 
 
-def build_faster_rcnn(n_fg_class, extractor='vgg16', weights_path=None, roi_size=7,
-                      anchor_scales=(8, 16, 32), anchor_ratios=(0.5, 1, 2),
-                      proposal_creator=None, backend='auto', **preprocess):
-    """The whole detector for ``n_fg_class`` foreground classes.
+BACKBONES = ('vgg16', 'small')
 
-    ``extractor``: 'vgg16' or 'small'; ``preprocess``: min_size, max_size, normalization.
+
+def build_backbone(name, weights_path=None, roi_size=7):
+    """(extractor, classifier, C_feat, D) of backbone `name`, one of BACKBONES.
+
+    weights_path: pre-trained VGG16 weights (vgg16 only); None leaves random weights.
     """
-    if extractor == 'vgg16':
-        features, classifier, n_channels, n_features = vgg16_parts(weights_path)
-    else:
-        features, classifier, n_channels, n_features = small_parts(roi_size)
-    rpn = RegionProposalNetwork(n_channels, n_channels, anchor_ratios, anchor_scales,
-                                FEAT_STRIDE, proposal_creator)
-    head = RoIHead(n_fg_class + 1, roi_size, 1 / FEAT_STRIDE, classifier, n_features, backend)
-    return FasterRCNN(features, rpn, head, backend=backend, **preprocess)
+    if name not in BACKBONES:
+        raise ValueError(f'unknown backbone {name!r}; valid: {", ".join(BACKBONES)}')
+    if name == 'small':
+        if weights_path is not None:
+            raise ValueError('pre-trained weights are for VGG16, not the small backbone')
+        return small_parts(roi_size)
+    return vgg16_parts(weights_path)

@@ -2,13 +2,10 @@ import math
 
 import pytest
 import torch
-import torchvision
 
-from model.utils.bbox_tools import (
+from model.boxes import (
     LOC_CLAMP,
     bbox2loc,
-    bbox_iou,
-    clip_bbox,
     enumerate_shifted_anchors,
     generate_anchor_base,
     loc2bbox,
@@ -115,42 +112,7 @@ def test_loc2bbox_clamps_size():
     torch.testing.assert_close(out[0, 3] - out[0, 1], torch.tensor(1000.0))
 
 
-def test_clip_bbox():
-    bbox = torch.tensor([[-5.0, -5, 50, 50], [10, 20, 300, 90], [250, 150, 260, 160]])
-    expected = torch.tensor([[0.0, 0, 50, 50], [10, 20, 200, 90], [200, 100, 200, 100]])
-    torch.testing.assert_close(clip_bbox(bbox, (100, 200)), expected)  # (H, W) = (100, 200)
-    torch.testing.assert_close(clip_bbox(bbox, (100, 200)),
-                               torchvision.ops.clip_boxes_to_image(bbox, (100, 200)))
-
-
 def test_empty_boxes():
     empty = torch.zeros(0, 4)
     assert bbox2loc(empty, empty).shape == (0, 4)
     assert loc2bbox(empty, empty).shape == (0, 4)
-    assert bbox_iou(empty, random_boxes(3)).shape == (0, 3)
-
-
-def test_bbox_iou_hand_values():
-    a = torch.tensor([[0.0, 0, 10, 10]])
-    b = torch.tensor([
-        [5.0, 5, 15, 15],  # 25 / 175
-        [0, 0, 10, 10],  # identical
-        [0, 0, 5, 10],  # contained, half the area
-        [10, 0, 20, 10],  # touching edge
-        [20, 20, 30, 30],  # disjoint
-    ])
-    torch.testing.assert_close(bbox_iou(a, b), torch.tensor([[1 / 7, 1, 0.5, 0, 0]]))
-
-
-def test_bbox_iou_matches_torchvision():
-    a, b = random_boxes(50, seed=4), random_boxes(70, seed=5)
-    iou = bbox_iou(a, b)
-    assert iou.shape == (50, 70) and iou.dtype == torch.float32
-    torch.testing.assert_close(iou, torchvision.ops.box_iou(a, b))
-    assert (iou > 0).any()
-
-
-def test_bbox_iou_zero_area_is_not_nan():
-    point = torch.tensor([[3.0, 3, 3, 3]])
-    iou = bbox_iou(point, torch.cat([point, torch.tensor([[0.0, 0, 10, 10]])]))
-    torch.testing.assert_close(iou, torch.zeros(1, 2))

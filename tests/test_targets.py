@@ -1,19 +1,9 @@
 import pytest
 import torch
-import torchvision
+from torchvision.ops import box_iou as bbox_iou
 
-from model.utils.bbox_tools import (
-    bbox2loc,
-    bbox_iou,
-    enumerate_shifted_anchors,
-    generate_anchor_base,
-    loc2bbox,
-)
-from model.utils.creator_tool import (
-    AnchorTargetCreator,
-    ProposalCreator,
-    ProposalTargetCreator,
-)
+from model.boxes import bbox2loc, enumerate_shifted_anchors, generate_anchor_base, loc2bbox
+from model.targets import AnchorTargetCreator, ProposalTargetCreator, random_subset, sample
 
 IMG_SIZE = (600, 800)  # (H, W)
 GT_BBOX = torch.tensor([[60.0, 80, 300, 400], [400, 100, 760, 560], [200, 300, 360, 520]])
@@ -55,9 +45,9 @@ def test_anchor_target_hand_case():
     loc, label = AnchorTargetCreator()(gt, anchor, (100, 100), generator=seeded(0))
     assert label.tolist() == [1, 0, 1, -1, 1, 0, 1]
     assert label.dtype == torch.int64 and loc.dtype == torch.float32 and loc.shape == (7, 4)
-    matched = gt[[0, 0, 2, 0, 0, 0, 2]]  # best gt per anchor; anchor 3 (outside) gets zeros
+    matched = gt[[0, 0, 2, 0, 0, 0, 2]]  # best gt per anchor
     expected = bbox2loc(anchor, matched)
-    expected[3] = 0
+    expected[[1, 3, 5]] = 0  # only positives have a regression target
     torch.testing.assert_close(loc, expected)
 
 
@@ -69,7 +59,7 @@ def test_anchor_target_properties():
     n_pos, n_neg = (label == 1).sum().item(), (label == 0).sum().item()
     assert 0 < n_pos <= 128 and n_pos + n_neg == 256
     inside = inside_mask(anchor, IMG_SIZE)
-    assert (label[~inside] == -1).all() and (loc[~inside] == 0).all()
+    assert (label[~inside] == -1).all() and (loc[label != 1] == 0).all()
 
     iou = bbox_iou(anchor, GT_BBOX) * inside[:, None]  # (K, G), outside anchors zeroed
     assert (label[iou.amax(1) >= 0.7] >= 0).all()  # >= 0.7: never sampled as negative
@@ -110,6 +100,30 @@ def test_anchor_target_seeds():
     assert torch.equal(label_a, label_b) and not torch.equal(label_a, label_c)
     label_global = creator(GT_BBOX, anchor, IMG_SIZE)[1]  # generator=None: global RNG
     assert (label_global == 0).sum() + (label_global == 1).sum() == 256
+
+
+# The shared steps
+
+
+def test_random_subset_takes_quota_of_candidates_uniformly():
+    mask = torch.arange(10) % 2 == 0  # candidates 0, 2, 4, 6, 8
+    counts = torch.zeros(10)
+    for seed in range(400):
+        subset = random_subset(mask, 2, seeded(seed))
+        assert subset.sum() == 2 and not (subset & ~mask).any()
+        counts += subset
+    # each candidate is drawn with probability 2/5: 160 of 400, binomial sd ~10
+    assert ((counts[mask] - 160).abs() < 45).all()
+    assert random_subset(mask, 9, seeded(0)).sum() == 5  # fewer candidates than the quota
+
+
+def test_sample_caps_positives_and_fills_with_negatives():
+    pos = torch.tensor([True] * 6 + [False] * 10)
+    neg = ~pos
+    got_pos, got_neg = sample(pos, neg, n_sample=8, pos_ratio=0.25, generator=seeded(0))
+    assert got_pos.sum() == 2 and got_neg.sum() == 6  # round(8 * 0.25) positives
+    got_pos, got_neg = sample(pos[:7], neg[:7], n_sample=8, pos_ratio=0.5, generator=seeded(0))
+    assert got_pos.sum() == 4 and got_neg.sum() == 1  # only one negative exists
 
 
 # ProposalTargetCreator
@@ -188,71 +202,6 @@ def test_proposal_target_seeds():
     assert torch.equal(sample_a, sample_b) and not torch.equal(sample_a, sample_c)
 
 
-# ProposalCreator
-
-
-def rpn_outputs(seed=0):
-    anchor = anchors()
-    g = seeded(seed)
-    loc = torch.randn(len(anchor), 4, generator=g) * 0.2
-    return loc, torch.rand(len(anchor), generator=g), anchor
-
-
-def reference_proposals(loc, score, anchor, img_size, min_size, n_pre, n_post, thresh):
-    """The same pipeline written directly with torchvision.ops."""
-    roi = torchvision.ops.clip_boxes_to_image(loc2bbox(anchor, loc), img_size)
-    keep = torchvision.ops.remove_small_boxes(roi, min_size)
-    roi, score = roi[keep], score[keep]
-    order = score.argsort(descending=True)[:n_pre]
-    keep = torchvision.ops.nms(roi[order], score[order], thresh)[:n_post]
-    return roi[order][keep]
-
-
-def test_proposal_creator_hand_case():
-    anchor = torch.tensor([[0.0, 0, 10, 10], [20, 20, 60, 60], [100, 100, 140, 140],
-                           [22, 20, 60, 60]])  # the last overlaps the second, lower score
-    score = torch.tensor([0.9, 0.5, 0.8, 0.4])
-    loc = torch.zeros(4, 4)
-    roi = ProposalCreator()(loc, score, anchor, (200, 200))
-    torch.testing.assert_close(roi, anchor[[2, 1]])  # 10 px box dropped, overlap suppressed
-    roi = ProposalCreator()(loc, score, anchor, (200, 200), scale=0.5)  # min size 8 px
-    torch.testing.assert_close(roi, anchor[[0, 2, 1]])
-    roi = ProposalCreator()(loc, score, anchor, (120, 50))  # clipped to 50 x 120 (W x H)
-    torch.testing.assert_close(roi, torch.tensor([[20.0, 20, 50, 60]]))
-
-
-@pytest.mark.parametrize('training', [False, True])
-def test_proposal_creator_matches_reference(training):
-    loc, score, anchor = rpn_outputs()
-    creator = ProposalCreator(n_test_pre_nms=1000, n_test_post_nms=100,
-                              n_train_pre_nms=3000, n_train_post_nms=500)
-    roi = creator(loc, score, anchor, IMG_SIZE, scale=1.2, training=training)
-    n_pre, n_post = (3000, 500) if training else (1000, 100)
-    assert len(roi) == n_post and roi.dtype == torch.float32
-    expected = reference_proposals(loc, score, anchor, IMG_SIZE, 16 * 1.2, n_pre, n_post, 0.7)
-    torch.testing.assert_close(roi, expected)
-
-
-def test_proposal_creator_properties():
-    loc, score, anchor = rpn_outputs(seed=1)
-    creator = ProposalCreator()
-    for training, n_post in ((False, 300), (True, 2000)):
-        roi = creator(loc, score, anchor, IMG_SIZE, scale=1.5, training=training)
-        assert 0 < len(roi) <= n_post
-        assert (roi >= 0).all() and (roi[:, 2] <= 800).all() and (roi[:, 3] <= 600).all()
-        assert ((roi[:, 2:] - roi[:, :2]) >= 24).all()
-        iou = bbox_iou(roi, roi).triu(diagonal=1)
-        assert (iou <= 0.7).all()
-    assert len(creator(loc, score, anchor, IMG_SIZE, training=False)) == 300
-
-
-def test_proposal_creator_no_gradient():
-    loc, score, anchor = rpn_outputs()
-    loc.requires_grad_(True)
-    score.requires_grad_(True)
-    assert not ProposalCreator()(loc, score, anchor, IMG_SIZE).requires_grad
-
-
 # On the GPU: outputs stay on the device; the anchor sampler never syncs with the host.
 
 
@@ -275,7 +224,3 @@ def test_creators_on_cuda_without_host_sync():
         roi, gt_bbox, gt_label, generator=generator)
     assert sample_roi.device == gt_roi_loc.device == gt_roi_label.device == roi.device
     assert len(sample_roi) == 128 and (gt_roi_label > 0).sum().item() == 32
-
-    loc, score, anchor = (x.to(device) for x in rpn_outputs())
-    roi = ProposalCreator()(loc, score, anchor, IMG_SIZE, training=True)
-    assert roi.device == anchor.device and 0 < len(roi) <= 2000

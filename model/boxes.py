@@ -1,8 +1,16 @@
-"""Box math: anchors, the box encoding (dx, dy, dw, dh) and IoU.
+"""Anchors and the box encoding: where Faster R-CNN looks, and how it says "move this box".
 
-Boxes are (R, 4) float tensors, (x_min, y_min, x_max, y_max) in continuous pixel coordinates;
-a box's width is x_max - x_min and its centre x_min + width / 2 (no +1 anywhere).
-Every function is pure and keeps its inputs' device; outputs take the inputs' dtype.
+Paper: Ren et al. 2015, sec. 3.1 ("Anchors") and eq. 2 (the parameterisation of boxes).
+
+Notation:
+    A  anchors per feature-map location (len(ratios) * len(anchor_scales), 9 by default)
+    H, W  feature-map height and width; K = H * W * A anchors in all
+    R  boxes; a box is (x_min, y_min, x_max, y_max) float in continuous input pixels, its
+       width x_max - x_min and its centre x_min + width / 2 (no +1 anywhere)
+    loc  (dx, dy, dw, dh): a box relative to a reference box (anchor or RoI), eq. 2
+
+IoU and clipping are torchvision.ops.box_iou and clip_boxes_to_image. Every function here is
+pure and keeps its inputs' device; outputs take the inputs' dtype.
 """
 
 import math
@@ -101,38 +109,3 @@ def loc2bbox(src_bbox, loc):
     w = src_w * dw.clamp(max=LOC_CLAMP).exp()
     h = src_h * dh.clamp(max=LOC_CLAMP).exp()
     return torch.stack([ctr_x - 0.5 * w, ctr_y - 0.5 * h, ctr_x + 0.5 * w, ctr_y + 0.5 * h], dim=1)
-
-
-def clip_bbox(bbox, img_size):
-    """Clip boxes to the image: x to [0, W], y to [0, H].
-
-    Args:
-        bbox: (R, 4) boxes.
-        img_size: (H, W) of the image.
-
-    Returns:
-        (R, 4) clipped boxes, a new tensor.
-    """
-    img_h, img_w = img_size
-    x = bbox[:, 0::2].clamp(0, img_w)  # (R, 2) x_min, x_max
-    y = bbox[:, 1::2].clamp(0, img_h)  # (R, 2) y_min, y_max
-    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
-
-
-def bbox_iou(bbox_a, bbox_b):
-    """Intersection over union of every box in bbox_a with every box in bbox_b.
-
-    Args:
-        bbox_a: (N, 4) boxes.
-        bbox_b: (K, 4) boxes.
-
-    Returns:
-        (N, K) IoU in [0, 1]; 0 (not NaN) for a pair of zero-area boxes.
-    """
-    top_left = torch.maximum(bbox_a[:, None, :2], bbox_b[None, :, :2])  # (N, K, 2)
-    bottom_right = torch.minimum(bbox_a[:, None, 2:], bbox_b[None, :, 2:])  # (N, K, 2)
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)  # (N, K)
-    area_a = (bbox_a[:, 2:] - bbox_a[:, :2]).prod(dim=1)  # (N,)
-    area_b = (bbox_b[:, 2:] - bbox_b[:, :2]).prod(dim=1)  # (K,)
-    union = area_a[:, None] + area_b[None, :] - inter  # (N, K)
-    return inter / union.clamp(min=torch.finfo(union.dtype).eps)

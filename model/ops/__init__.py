@@ -1,0 +1,11 @@
+"""The two ops Faster R-CNN needs beyond convolutions: NMS and RoI pooling.
+
+Each runs our CUDA kernel through CuPy on a CUDA tensor where CuPy works (nms.cu,
+roi_pool.cu), and torchvision.ops otherwise; backend.py is the one place that chooses. A reader
+of the detector can treat them as black boxes with the semantics in their docstrings.
+"""
+from model.ops.backend import BACKENDS
+from model.ops.nms import batched_non_maximum_suppression, non_maximum_suppression
+from model.ops.roi_pool import RoIPool
+
+__all__ = ['BACKENDS', 'RoIPool', 'batched_non_maximum_suppression', 'non_maximum_suppression']
