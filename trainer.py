@@ -1,5 +1,5 @@
 """The training loop around the model: optimiser, lr schedule, mixed precision, data
-parallelism, running means of the losses, RNG state and plots.
+parallelism, the sampling generator, running means of the losses and plots.
 
 The maths of a training step (targets, the four losses) is the model's: FasterRCNN.forward
 with ground truth returns the losses (model/faster_rcnn.py).
