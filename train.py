@@ -41,6 +41,7 @@ from model.backbones import FEAT_STRIDE
 from model.faster_rcnn import build_faster_rcnn
 from trainer import FasterRCNNTrainer, NonFiniteLossError, seed_all
 from utils.checkpoint import load_checkpoint, load_detector, save_checkpoint
+from utils.coco_eval import eval_detection_coco, format_coco_table
 from utils.config import FIXED_ON_RESUME, Config, option_name
 from utils.eval_tool import eval_detection_voc, format_ap_table
 from utils.vis_tool import Visualizer, bbox_image
@@ -67,17 +68,20 @@ def build_model(cfg, n_fg_class, load_weights=True):
     ``load_weights=False`` starts from random weights (a checkpoint will replace them).
     """
     weights = cfg.caffe_pretrain_path if cfg.caffe_pretrain else cfg.pretrained_path
-    weights = weights if load_weights else None
-    if weights is not None and not os.path.isfile(weights):
+    if weights is not None and load_weights and not os.path.isfile(weights):
         hint = ' (make it with misc/convert_caffe_pretrain.py)' if cfg.caffe_pretrain else ''
-        raise ValueError(f'no VGG16 weights at {weights}{hint}')
-    return build_faster_rcnn(n_fg_class, weights_path=weights, **model_options(cfg))
+        raise ValueError(f'no {cfg.extractor} weights at {weights}{hint}')
+    weights = (weights or cfg.pretrained) if load_weights else None
+    return build_faster_rcnn(n_fg_class, weights=weights, **model_options(cfg))
 
 
 def bbox_dataset(cfg, split, class_names=None, check_images=False):
     """A split's bbox dataset, every object with its difficult flag; see data.dataset."""
-    return build_bbox_dataset(cfg.dataset, cfg.voc_data_dir, split, class_names or cfg.class_names,
-                              skip_bad=cfg.skip_bad, check_images=check_images)
+    data_dir = cfg.coco_dir if cfg.dataset == 'coco2017' else cfg.voc_data_dir
+    return build_bbox_dataset(cfg.dataset, data_dir, split, class_names or cfg.class_names,
+                              skip_bad=cfg.skip_bad, check_images=check_images,
+                              coco_json=cfg.coco_json, coco_test_json=cfg.coco_test_json,
+                              image_dir=cfg.image_dir)
 
 
 def size_limits(cfg):
@@ -91,7 +95,8 @@ def usable(cfg, dataset):
 
 
 def run_data(cfg, class_names=None):
-    """(train, val, test) datasets of a run, the class names and the number held out.
+    """(train, val, test) datasets of a run, the class names, the number held out, and the
+    COCO category id of each class (None for VOC-format data).
 
     Every image of both splits is decoded and size-checked here, before training starts: a
     long run never dies at its end on a bad test image. val is None when there are no
@@ -116,12 +121,14 @@ def run_data(cfg, class_names=None):
                              cfg.normalization, seed=cfg.seed, use_difficult=cfg.use_difficult)
     val_set = Subset(trainval, val_idx) if n_val_objects else None
     test_set = Subset(test, usable(cfg, test))
-    return train_set, val_set, test_set, class_names, n_val
+    return train_set, val_set, test_set, class_names, n_val, getattr(trainval, 'category_ids',
+                                                                     None)
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size=1, n_images=None):
-    """Predicts on an evaluation dataset and scores it with both VOC metrics (devkit-exact)."""
+def evaluate(model, dataset, batch_size=1, n_images=None, metric='voc'):
+    """Predicts on an evaluation dataset and scores it: metric 'voc', both VOC metrics
+    (devkit-exact; 'map' is VOC07's), or 'coco', COCO AP through pycocotools ('map' is AP)."""
     if n_images is not None:
         dataset = Subset(dataset, range(min(n_images, len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_test)
@@ -131,6 +138,8 @@ def evaluate(model, dataset, batch_size=1, n_images=None):
             out.extend(v.cpu() for v in values)
         for out, key in zip(gts, ('bboxes', 'labels', 'difficults')):
             out.extend(batch[key])
+    if metric == 'coco':
+        return eval_detection_coco(*preds, *gts, n_class=model.n_class - 1)
     voc07, area = (eval_detection_voc(*preds, *gts, use_07_metric=use_07, pixel_inclusive=True,
                                       n_class=model.n_class - 1) for use_07 in (True, False))
     return {'map': voc07['map'], 'ap': voc07['ap'], 'map_area': area['map'], 'ap_area': area['ap']}
@@ -252,7 +261,7 @@ def train(**kwargs):
     rank, world_size, device = setup_distributed(cfg)
     main = rank == 0
     seed_all(cfg.seed)
-    train_set, val_set, test_set, class_names, cfg.n_val_images = run_data(
+    train_set, val_set, test_set, class_names, cfg.n_val_images, category_ids = run_data(
         cfg, state and state['class_names'])  # config.json records the resolved hold-out
     model = build_model(cfg, len(class_names), load_weights=state is None).to(device)
     vis = Visualizer(cfg.env, cfg.visdom_server, cfg.visdom_port, enabled=cfg.visdom and main)
@@ -269,7 +278,7 @@ def train(**kwargs):
               + (f'; resuming after epoch {start_epoch}' if start_epoch else ''))
     log = RunLog(run_dir / 'metrics.jsonl', main, resume_step=trainer.step)
     checkpoint = {'class_names': list(class_names), 'config': cfg.to_dict(),
-                  'model_options': model_options(cfg)}
+                  'model_options': model_options(cfg), 'category_ids': category_ids}
 
     sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, collate_fn=collate_train,
@@ -316,7 +325,8 @@ def end_epoch(trainer, epoch, val_set, best_map, run_dir, log, checkpoint):
     training, never on the test set; without them, the last epoch is the best."""
     val_map = None
     if val_set is not None:
-        val_map = evaluate(trainer.faster_rcnn, val_set, trainer.cfg.batch_size)['map']
+        val_map = evaluate(trainer.faster_rcnn, val_set, trainer.cfg.batch_size,
+                           metric=trainer.cfg.metric)['map']
         log.write(step=trainer.step, epoch=epoch, split='val', map=val_map)
         trainer.vis.plot('val_map', val_map, epoch + 1)
         print(f'epoch {epoch + 1}: validation mAP {val_map:.4f}')
@@ -333,32 +343,46 @@ def test_best(model, run_dir, test_set, class_names, cfg, log, step):
     """Loads best.pt into the model and prints its per-class AP on the test split."""
     best = load_checkpoint(run_dir / 'best.pt', next(model.parameters()).device)
     model.load_state_dict(best['model'])
-    result = evaluate(model, test_set, cfg.batch_size, cfg.test_n_images)
-    log.write(step=step, epoch=best['epoch'], split='test', map=result['map'],
-              map_area=result['map_area'])
+    result = evaluate(model, test_set, cfg.batch_size, cfg.test_n_images, cfg.metric)
     print(f'test set, best checkpoint (epoch {best["epoch"] + 1}):')
-    print(format_ap_table(result['ap'], class_names, result['map']))
+    print_result(result, class_names, cfg.metric)
+    log.write(step=step, epoch=best['epoch'], split='test', **{
+        k: v for k, v in result.items() if isinstance(v, float)})
+
+
+def print_result(result, class_names, metric):
+    """The per-class table and, for COCO AP, the six COCO numbers."""
+    if metric == 'coco':
+        print(format_coco_table(result))
+        print(format_ap_table(result['ap_per_class'], class_names, result['map']))
+    else:
+        print(format_ap_table(result['ap'], class_names, result['map']))
 
 
 def load_model(load_path, device='cpu', **overrides):
-    """A trained detector from a checkpoint: (model in eval mode, Config, class names).
+    """A trained detector from a checkpoint: (model in eval mode, Config, class names, the COCO
+    category id of each class or None).
 
     overrides: options given on the command line, e.g. --backend or --voc-data-dir.
     """
     state = load_checkpoint(load_path, required=('model', 'class_names', 'config'))
     cfg = Config.from_kwargs(**{**state['config'], **overrides, 'caffe_pretrain': False,
-                                'pretrained_path': None, 'resume': None}, need_data=False)
+                                'pretrained_path': None, 'pretrained': None, 'resume': None},
+                             need_data=False)
     model, class_names = load_detector(state, pick_device(device), **model_options(cfg))
-    return model, cfg, class_names
+    return model, cfg, class_names, state.get('category_ids')
 
 
 def eval(load_path, **kwargs):  # noqa: A001 (the CLI verb)
-    """Per-class AP and mAP on the test split, both VOC metrics; the numbers train ends with."""
-    model, cfg, class_names = load_model(load_path, kwargs.pop('device', 'auto'), **kwargs)
+    """Per-class AP and mAP on the test split (both VOC metrics, or with --metric=coco COCO
+    AP): the numbers train ends with."""
+    model, cfg, class_names, _ = load_model(load_path, kwargs.pop('device', 'auto'), **kwargs)
     cfg.check_data_dir()
     test = bbox_dataset(cfg, 'test', class_names)
     result = evaluate(model, Subset(test, usable(cfg, test)), cfg.batch_size,
-                      cfg.test_n_images)
+                      cfg.test_n_images, cfg.metric)
+    if cfg.metric == 'coco':
+        return print_result(result, class_names, 'coco')
     print('VOC07 11-point metric:')
     print(format_ap_table(result['ap'], class_names, result['map']))
     print('VOC2010+ area metric:')
@@ -385,7 +409,7 @@ def detect(load_path, *images, out_dir='detections', preset='visualize', device=
     """
     if not images:
         raise ValueError('detect needs at least one image path')
-    model, cfg, class_names = load_model(load_path, device)
+    model, cfg, class_names, category_ids = load_model(load_path, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, taken = [], set()
@@ -405,6 +429,7 @@ def detect(load_path, *images, out_dir='detections', preset='visualize', device=
         Image.fromarray(drawn.transpose(1, 2, 0)).save(out / name)
         records.append({'image': str(path), 'output': name, 'detections': [
             {'bbox': b.tolist(), 'label': class_names[lab], 'score': float(s)}
+            | ({'category_id': category_ids[lab]} if category_ids else {})  # COCO data
             for b, lab, s in zip(bboxes, labels, scores)]})
     write_atomic(out / 'detections.json', json.dumps(records, indent=2))
     failed = sum('error' in r for r in records)

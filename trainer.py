@@ -19,14 +19,15 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def make_optimizer(model, name, lr, momentum, weight_decay):
-    """SGD (or Adam) with the Caffe solver's groups: biases at 2x lr and without weight decay."""
+def make_optimizer(model, name, lr, momentum, weight_decay, double_bias=True):
+    """SGD (or Adam) with the Caffe solver's groups: biases without weight decay and, with
+    double_bias (the VGG16 models' setting), at 2x lr."""
     weights, biases = [], []
     for param_name, p in model.named_parameters():
         if p.requires_grad:
             (biases if param_name.endswith('bias') else weights).append(p)
     groups = [{'params': weights, 'weight_decay': weight_decay},
-              {'params': biases, 'lr': 2 * lr, 'weight_decay': 0.0}]
+              {'params': biases, 'lr': (1 + double_bias) * lr, 'weight_decay': 0.0}]
     if name == 'adam':
         return torch.optim.Adam(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
@@ -60,7 +61,7 @@ class FasterRCNNTrainer:
                 faster_rcnn, device_ids=[device.index] if device.type == 'cuda' else None)
         self.seed, self.rank, self.world_size = cfg.seed, rank, world_size
         self.optimizer = make_optimizer(faster_rcnn, cfg.optimizer, self.base_lr(), cfg.momentum,
-                                        cfg.weight_decay)
+                                        cfg.weight_decay, cfg.double_bias)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, list(cfg.lr_milestones), cfg.lr_decay)
         # float16 needs loss scaling; bfloat16 (the CPU choice) has float32's range and does not.
@@ -90,7 +91,8 @@ class FasterRCNNTrainer:
         cfg, scheduler = self.cfg, self.scheduler
         scheduler.milestones = type(scheduler.milestones)(cfg.lr_milestones)
         scheduler.gamma = cfg.lr_decay
-        scheduler.base_lrs = [self.base_lr(), 2 * self.base_lr()]  # make_optimizer's groups
+        # make_optimizer's groups: weights, then biases
+        scheduler.base_lrs = [self.base_lr(), (1 + cfg.double_bias) * self.base_lr()]
         passed = [m for m in sorted(scheduler.milestones) if m <= scheduler.last_epoch]
         for group, base_lr, decay in zip(self.optimizer.param_groups, scheduler.base_lrs,
                                          (cfg.weight_decay, 0.0), strict=True):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from data.coco_dataset import COCOBboxDataset
 from data.toy import toy_dataset_dir
 from data.util import DataError, flip_bbox, size_problem
 from data.voc_dataset import VOC_BBOX_LABEL_NAMES, VOCBboxDataset
@@ -72,11 +73,11 @@ def collate_test(batch):
     return dict(images=images, bboxes=bboxes, labels=labels, difficults=difficults)
 
 
-DATASETS = ('voc07', 'voc0712', 'custom', 'toy')
+DATASETS = ('voc07', 'voc0712', 'custom', 'toy', 'coco', 'coco2017')
 
 
 def build_bbox_dataset(name, data_dir, split, class_names=None, skip_bad=False,
-                       check_images=False):
+                       check_images=False, coco_json=None, coco_test_json=None, image_dir=None):
     """The bbox dataset `name` (one of DATASETS) for split.
 
     voc07: data_dir is a VOCdevkit folder holding VOC2007/, or VOC2007/ itself.
@@ -84,7 +85,13 @@ def build_bbox_dataset(name, data_dir, split, class_names=None, skip_bad=False,
     union of VOC2007 and VOC2012 (the paper's 07+12 is split 'trainval').
     custom: a VOC-format folder (see data.voc_dataset), classes discovered unless given.
     toy: the synthetic dataset at data_dir (None: the cached default, generated once).
-    voc07 and voc0712 have the 20 VOC classes unless class_names is given.
+    coco: the COCO JSON file coco_json, its images in image_dir (default: the JSON's folder),
+    split 80/20 by file name (see data.coco_dataset); with coco_test_json, that file is split
+    'test' and coco_json all of the others. data_dir is not used.
+    coco2017: data_dir is the COCO root: annotations/instances_train2017.json with train2017/
+    is split 'trainval', annotations/instances_val2017.json with val2017/ split 'test'.
+    voc07 and voc0712 have the 20 VOC classes unless class_names is given; coco and coco2017
+    every category of the JSON, in order of id.
     skip_bad, check_images: see VOCBboxDataset.
     """
     if name not in DATASETS:
@@ -92,11 +99,24 @@ def build_bbox_dataset(name, data_dir, split, class_names=None, skip_bad=False,
     if name in ('voc07', 'voc0712'):
         class_names = class_names or VOC_BBOX_LABEL_NAMES
     options = dict(class_names=class_names, skip_bad=skip_bad, check_images=check_images)
+    if name == 'coco':
+        if coco_json is None:
+            raise ValueError("dataset 'coco' needs a COCO JSON file (coco_json)")
+        json_path = Path(coco_test_json if coco_test_json and split == 'test' else coco_json)
+        return COCOBboxDataset(json_path, image_dir or json_path.parent,
+                               'all' if coco_test_json else split, **options)
     if name == 'toy' and data_dir is None:
         data_dir = toy_dataset_dir()
     if data_dir is None:
-        raise ValueError(f'dataset {name!r} needs a data folder (VOCdevkit or VOC-format)')
+        raise ValueError(f'dataset {name!r} needs a data folder (VOCdevkit, VOC-format or COCO)')
     data_dir = Path(data_dir)
+    if name == 'coco2017':
+        part = {'trainval': 'train2017', 'test': 'val2017'}.get(split)
+        if part is None:
+            raise ValueError(f"dataset 'coco2017' has splits trainval (train2017) and test "
+                             f'(val2017), not {split!r}')
+        return COCOBboxDataset(data_dir / 'annotations' / f'instances_{part}.json',
+                               data_dir / part, 'all', **options)
     if name == 'voc07':
         year_dir = data_dir / 'VOC2007'
         return VOCBboxDataset(year_dir if year_dir.is_dir() else data_dir, split, **options)

@@ -35,10 +35,10 @@ from torchvision.models.detection.rpn import RPNHead
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.backbones import FEAT_STRIDE  # noqa: E402
 from model.faster_rcnn import MAX_PER_IMAGE, build_faster_rcnn  # noqa: E402
+from model.ops import RoIAlign  # noqa: E402
 from model.transform import normalize  # noqa: E402
 from trainer import make_optimizer  # noqa: E402
 
-ROI_SIZE = 7
 # Our stages in pipeline order; a dotted name is part of the stage before the dot.
 STAGES = ('preprocess', 'backbone', 'rpn', 'rpn.proposals', 'anchor_targets', 'proposal_targets',
           'head', 'head.roi_pool', 'postprocess', 'forward', 'backward', 'optimizer_step', 'total')
@@ -47,20 +47,25 @@ SGD = dict(name='sgd', lr=1e-3, momentum=0.9, weight_decay=5e-4)
 
 
 class RoIPoolOneLevel(nn.Module):
-    """torchvision's box_roi_pool interface over one feature map, with Fast R-CNN's max pooling.
+    """torchvision's box_roi_pool interface over one feature map, with our head's pooling:
+    Fast R-CNN's max pooling, or RoIAlign (aligned, adaptive sampling) for the C4 backbones.
+    torchvision's MultiScaleRoIAlign would use aligned=False.
 
     forward(features {'0': (N, C, H, W)}, proposals N x (R_i, 4) in input pixels, image_shapes)
     -> (R, C, output_size, output_size).
     """
 
-    def __init__(self, output_size, spatial_scale):
+    def __init__(self, output_size, spatial_scale, align=False):
         super().__init__()
-        self.output_size, self.spatial_scale = output_size, spatial_scale
+        self.output_size, self.spatial_scale, self.align = output_size, spatial_scale, align
 
     def forward(self, features, proposals, image_shapes):
         # In float32 under autocast, as our head pools (the CPU kernel has no bfloat16 either).
-        return torchvision.ops.roi_pool(features['0'].float(), [p.float() for p in proposals],
-                                        self.output_size, self.spatial_scale)
+        x, boxes = features['0'].float(), [p.float() for p in proposals]
+        if self.align:
+            return torchvision.ops.roi_align(x, boxes, self.output_size, self.spatial_scale,
+                                             sampling_ratio=0, aligned=True)
+        return torchvision.ops.roi_pool(x, boxes, self.output_size, self.spatial_scale)
 
 
 def torchvision_twin(ours, height, width):
@@ -105,7 +110,9 @@ def torchvision_twin(ours, height, width):
         box_positive_fraction=roi_targets.pos_ratio,
         bbox_reg_weights=tuple(1 / s for s in ours.loc_normalize_std.tolist()))
     # The constructor accepts only MultiScaleRoIAlign and fixes the RPN's min size at 1e-3 px.
-    model.roi_heads.box_roi_pool = RoIPoolOneLevel(ROI_SIZE, 1 / FEAT_STRIDE)
+    align = isinstance(ours.head.pool, RoIAlign)
+    size = ours.head.pool.output_size if align else ours.head.pool.outh
+    model.roi_heads.box_roi_pool = RoIPoolOneLevel(size, 1 / FEAT_STRIDE, align)
     model.rpn.min_size = proposals.min_size
     return model
 
@@ -277,7 +284,7 @@ def side_by_side(timings):
 
 
 def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, device='cpu',
-                  amp=False, n_class=20, seed=0, threads=None):
+                  amp=False, n_class=20, seed=0, threads=None, extractor='vgg16'):
     """Times both models and breaks ours down; returns the result as a JSON-ready dict."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -289,7 +296,7 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
         return torch.autocast(device.type, dtype=amp_dtype) if amp else nullcontext()
 
     torch.manual_seed(seed)
-    ours = build_faster_rcnn(n_class, 'vgg16', min_size=min(height, width),
+    ours = build_faster_rcnn(n_class, extractor, min_size=min(height, width),
                              max_size=max(height, width)).to(device)  # predict keeps the size
     theirs = torchvision_twin(ours, height, width).to(device)
     images, bboxes, labels = synthetic_batch(batch_size, height, width, n_class, seed)
@@ -354,7 +361,7 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
         'memory': ('CUDA: max_memory_allocated growth' if device.type == 'cuda' else
                    'CPU: peak RSS growth, sampled every 5 ms (psutil), largest over the runs'),
         'settings': dict(height=height, width=width, batch_size=batch_size, repeat=repeat,
-                         warmup=warmup, amp=amp, n_class=n_class, seed=seed,
+                         warmup=warmup, amp=amp, n_class=n_class, seed=seed, extractor=extractor,
                          threads=torch.get_num_threads()),
         'torch': torch.__version__, 'torchvision': torchvision.__version__,
     }
@@ -367,7 +374,8 @@ def _mb(value):
 def markdown(result):
     """The result as two markdown tables: ours vs torchvision, and our stages."""
     s = result['settings']
-    lines = [f"{s['batch_size']} x {s['height']}x{s['width']} on {result['device']}, "
+    lines = [f"{s.get('extractor', 'vgg16')}, "
+             f"{s['batch_size']} x {s['height']}x{s['width']} on {result['device']}, "
              f"amp={s['amp']}, {s['threads']} threads, median [min-max] of {s['repeat']} runs",
              '',
              '| step | ours ms | torchvision ms | ours / torchvision | ours peak MiB '
@@ -393,12 +401,12 @@ def markdown(result):
 
 
 def main(height=600, width=800, batch_size=1, repeat=5, warmup=1, device='cpu', amp=False,
-         n_class=20, out=None, seed=0, threads=None):
+         n_class=20, out=None, seed=0, threads=None, extractor='vgg16'):
     """Prints the markdown tables; ``out``: also write the result as JSON to this file."""
     if repeat < 1 or warmup < 0:
         raise ValueError(f'repeat must be >= 1 and warmup >= 0, got {repeat} and {warmup}')
     result = run_benchmark(height, width, batch_size, repeat, warmup, device, amp, n_class,
-                           seed, threads)
+                           seed, threads, extractor)
     print(markdown(result))
     if out is not None:
         Path(out).write_text(json.dumps(result, indent=2))

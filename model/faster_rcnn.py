@@ -38,7 +38,7 @@ from torchvision.ops import clip_boxes_to_image
 from model.backbones import FEAT_STRIDE, build_backbone
 from model.boxes import loc2bbox
 from model.losses import roi_losses, rpn_losses
-from model.ops import batched_non_maximum_suppression
+from model.ops import RoIAlign, RoIPool, batched_non_maximum_suppression
 from model.roi_head import RoIHead
 from model.rpn import ProposalCreator, RegionProposalNetwork
 from model.targets import AnchorTargetCreator, ProposalTargetCreator
@@ -201,29 +201,32 @@ class FasterRCNN(nn.Module):
 
 
 def build_faster_rcnn(
-        n_fg_class, extractor='vgg16', weights_path=None, *, roi_size=7,
-        anchor_scales=(8, 16, 32), anchor_ratios=(0.5, 1, 2), min_size=600, max_size=1000,
-        normalization='torchvision', backend='auto', rpn_nms_thresh=0.7, n_train_pre_nms=12000,
-        n_train_post_nms=2000, n_test_pre_nms=6000, n_test_post_nms=300, rpn_min_size=16,
-        rpn_n_sample=256, rpn_pos_iou_thresh=0.7, rpn_neg_iou_thresh=0.3, rpn_pos_ratio=0.5,
-        roi_n_sample=128, roi_pos_ratio=0.25, roi_pos_iou_thresh=0.5, roi_neg_iou_thresh_hi=0.5,
+        n_fg_class, extractor='vgg16', weights=None, *, anchor_scales=(8, 16, 32),
+        anchor_ratios=(0.5, 1, 2), min_size=600, max_size=1000, normalization='torchvision',
+        backend='auto', rpn_nms_thresh=0.7, n_train_pre_nms=12000, n_train_post_nms=2000,
+        n_test_pre_nms=6000, n_test_post_nms=300, rpn_min_size=16, rpn_n_sample=256,
+        rpn_pos_iou_thresh=0.7, rpn_neg_iou_thresh=0.3, rpn_pos_ratio=0.5, roi_n_sample=128,
+        roi_pos_ratio=0.25, roi_pos_iou_thresh=0.5, roi_neg_iou_thresh_hi=0.5,
         roi_neg_iou_thresh_lo=0.0, rpn_sigma=3.0, roi_sigma=1.0, eval_score_thresh=0.05,
         eval_nms_thresh=0.3):
     """The whole detector for ``n_fg_class`` foreground classes, with the paper's defaults.
 
-    extractor: a backbone name (backbones.BACKBONES); weights_path: its pre-trained weights.
+    extractor: a backbone name (backbones.BACKBONES); weights: its pre-trained weights, a file
+    or 'imagenet' (see backbones/base.py), None for random ones.
     Every keyword is the Config field of the same name (utils/config.py says what each does),
     so that a checkpoint can store them and rebuild the model without the Config.
     """
-    features, classifier, n_channels, n_features = build_backbone(extractor, weights_path,
-                                                                  roi_size)
+    backbone = build_backbone(extractor, weights)
     proposal_creator = ProposalCreator(rpn_nms_thresh, n_train_pre_nms, n_train_post_nms,
                                        n_test_pre_nms, n_test_post_nms, rpn_min_size, backend)
-    rpn = RegionProposalNetwork(n_channels, n_channels, anchor_ratios, anchor_scales,
-                                FEAT_STRIDE, proposal_creator)
-    head = RoIHead(n_fg_class + 1, roi_size, 1 / FEAT_STRIDE, classifier, n_features, backend)
+    rpn = RegionProposalNetwork(backbone.channels, backbone.channels, anchor_ratios,
+                                anchor_scales, FEAT_STRIDE, proposal_creator)
+    size = backbone.roi_size
+    pool = (RoIPool(size, size, 1 / FEAT_STRIDE, backend) if backbone.roi_op == 'pool' else
+            RoIAlign(size, 1 / FEAT_STRIDE, sampling_ratio=0, aligned=True, backend=backend))
+    head = RoIHead(n_fg_class + 1, pool, backbone.classifier, backbone.features)
     return FasterRCNN(
-        features, rpn, head, ImageTransform(min_size, max_size, normalization),
+        backbone.extractor, rpn, head, ImageTransform(min_size, max_size, normalization),
         AnchorTargetCreator(rpn_n_sample, rpn_pos_iou_thresh, rpn_neg_iou_thresh, rpn_pos_ratio),
         ProposalTargetCreator(roi_n_sample, roi_pos_ratio, roi_pos_iou_thresh,
                               roi_neg_iou_thresh_hi, roi_neg_iou_thresh_lo),

@@ -13,7 +13,6 @@ Notation:
 import torch
 from torch import nn
 
-from model.ops import RoIPool
 from model.rpn import normal_init
 
 
@@ -22,17 +21,16 @@ class RoIHead(nn.Module):
 
     Args:
         n_class: classes including background (class 0).
-        roi_size, spatial_scale: RoI pooling grid (7 x 7, what VGG16's fc6 expects) and
-            feature pixels per input pixel (1/16).
-        classifier: (R, C_feat * roi_size**2) -> (R, D), e.g. VGG16's fc6 and fc7.
+        pool: features (N, C_feat, H, W), rois (R, 5) -> (R, C_feat, S, S): model.ops.RoIPool
+            (7 x 7, what VGG16's fc6 expects) or RoIAlign.
+        classifier: (R, C_feat * S * S) -> (R, D), e.g. VGG16's fc6 and fc7.
         n_features: D.
-        backend: of the RoI pooling, 'auto' | 'cupy' | 'torchvision'.
     """
 
-    def __init__(self, n_class, roi_size, spatial_scale, classifier, n_features, backend='auto'):
+    def __init__(self, n_class, pool, classifier, n_features):
         super().__init__()
         self.n_class = n_class
-        self.pool = RoIPool(roi_size, roi_size, spatial_scale, backend=backend)
+        self.pool = pool
         self.classifier = classifier
         self.cls_loc = nn.Linear(n_features, n_class * 4)
         self.score = nn.Linear(n_features, n_class)
@@ -46,6 +44,6 @@ class RoIHead(nn.Module):
         each RoI. Returns roi_cls_locs (R, C * 4) and roi_scores (R, C)."""
         indices_and_rois = torch.cat([roi_indices[:, None].to(rois.dtype), rois], dim=1)  # (R, 5)
         # Pool in float32 even under mixed precision: bf16 coordinates near 1000 px are off by 4.
-        pooled = self.pool(features.float(), indices_and_rois.float())  # (R, C_feat, 7, 7)
+        pooled = self.pool(features.float(), indices_and_rois.float())  # (R, C_feat, S, S)
         hidden = self.classifier(pooled.flatten(1))  # (R, D)
         return self.cls_loc(hidden), self.score(hidden)

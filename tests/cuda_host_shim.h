@@ -5,11 +5,12 @@
 //
 //   typedef float scalar_t;        (or double, as model/ops/backend.py compile_kernel does)
 //   #include "cuda_host_shim.h"
-//   <nms.cu, roi_pool.cu>          (only `extern __shared__ T name[];` rewritten, see below)
+//   <nms.cu, roi_pool.cu, roi_align.cu>  (only `extern __shared__ T name[];` rewritten, below)
 //   HOST_CUDA_EXPORT(nms_mask) ... (one extern "C" launcher per kernel)
 //
 // What is emulated, and how:
-// - __global__ / __device__: nothing; kernels are plain functions.
+// - __global__ / __device__: nothing; kernels and their helpers (roi_align.cu's structs and
+//   __device__ functions) are plain C++.
 // - Built-in variables: threadIdx, blockIdx, blockDim, gridDim are thread_local uint3 / dim3
 //   (unsigned, as in CUDA, so the kernels' signed/unsigned arithmetic is the same).
 // - A launch runs the blocks one after another; each block's threads are real std::threads

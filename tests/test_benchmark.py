@@ -88,3 +88,20 @@ def test_stage_clock_times_and_restores():
     assert owner.adder is adder and 'forward' not in vars(owner)
     before = dict(clock.ms)
     assert owner(torch.tensor(1.0)) == 4 and clock.ms == before
+
+
+def test_twin_of_a_c4_backbone_pools_as_ours():
+    # RoIAlign (aligned, adaptive sampling) on 14 x 14 crops, then our conv5 head on both sides
+    torch.manual_seed(0)
+    ours = build_faster_rcnn(3, 'mobilenet_v3', min_size=64, max_size=96).eval()
+    theirs = torchvision_twin(ours, 64, 96).eval()
+    pool = theirs.roi_heads.box_roi_pool
+    assert pool.align and pool.output_size == (14, 14)
+    features = torch.randn(1, 112, 4, 6)
+    rois = torch.tensor([[0.0, 3, 5, 40, 50], [0, 20, 10, 90, 60]])
+    with torch.no_grad():
+        torch.testing.assert_close(pool({'0': features}, [rois[:, 1:]], None),
+                                   ours.head.pool(features, rois))
+        torch.testing.assert_close(
+            theirs.roi_heads.box_head(ours.head.pool(features, rois)),
+            ours.head.classifier(ours.head.pool(features, rois).flatten(1)))

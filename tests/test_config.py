@@ -36,13 +36,14 @@ def test_fire_lists_become_tuples():
     (dict(lrr=0.1), r'unknown option --lrr; did you mean --lr'),
     (dict(lr=-1), '--lr must be positive'),
     (dict(min_size=800, max_size=600), r'--min-size \(800\) must not exceed --max-size \(600\)'),
-    (dict(dataset='coco'), "--dataset='coco' is not valid; choose one of voc07, voc0712"),
+    (dict(dataset='lvis'), "--dataset='lvis' is not valid; choose one of voc07, voc0712"),
+    (dict(dataset='coco'), '--dataset=coco needs --coco-json=<path>'),
     (dict(device='tpu'), '--device'),
     (dict(optimizer='rmsprop'), '--optimizer'),
     (dict(rpn_pos_ratio=1.5), r'--rpn-pos-ratio must be in \(0, 1\]'),
     (dict(anchor_scales=[0, 4]), 'must be positive numbers'),
     (dict(dataset='voc07'), '--dataset=voc07 needs --voc-data-dir'),
-    (dict(dataset='custom', voc_data_dir='/no/such/folder'), "no folder at '/no/such/folder'"),
+    (dict(dataset='custom', voc_data_dir='/no/such/folder'), "nothing at '/no/such/folder'"),
 ])
 def test_bad_options_name_the_option(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -68,9 +69,17 @@ def test_weights_select_their_backbone():
     cfg = Config(pretrained_path='w.pth')
     assert (cfg.extractor, cfg.normalization) == ('vgg16', 'torchvision')
     assert Config().extractor == 'small' and Config().lr == 0.01
-    for weights in (dict(caffe_pretrain=True), dict(pretrained_path='w.pth')):
-        with pytest.raises(ValueError, match='holds VGG16 weights, but --extractor=small'):
+    for weights in (dict(caffe_pretrain=True), dict(pretrained_path='w.pth'),
+                    dict(pretrained='imagenet')):
+        with pytest.raises(ValueError, match='weights, but --extractor=small'):
             Config(extractor='small', **weights)
+    with pytest.raises(ValueError, match='holds VGG16 weights, but --extractor=resnet50'):
+        Config(extractor='resnet50', caffe_pretrain=True)
+    cfg = Config(extractor='resnet50', pretrained_path='r.pth')
+    assert (cfg.lr, cfg.weight_decay, cfg.double_bias) == (1e-3, 1e-4, False)
+    assert Config(pretrained='imagenet').extractor == 'vgg16'
+    with pytest.raises(ValueError, match='--pretrained-path and --pretrained both give'):
+        Config(pretrained_path='w.pth', pretrained='imagenet')
 
 
 @pytest.mark.parametrize('word, value', [
@@ -152,6 +161,6 @@ def test_every_model_option_is_a_config_field():
     from train import model_options
     keywords = inspect.signature(build_faster_rcnn).parameters
     options = model_options(Config())
-    # all but the weights file (a path on this machine) and the pooled size (fixed by fc6)
-    assert set(keywords) - set(options) == {'n_fg_class', 'weights_path', 'roi_size'}
+    # all but the starting weights (a path on this machine; a checkpoint replaces them)
+    assert set(keywords) - set(options) == {'n_fg_class', 'weights'}
     assert options['eval_nms_thresh'] == 0.3 and options['extractor'] == 'small'

@@ -1,4 +1,4 @@
-"""Our CUDA kernels (model/ops/nms.cu, model/ops/roi_pool.cu), run on the CPU.
+"""Our CUDA kernels (model/ops/nms.cu, roi_pool.cu, roi_align.cu), run on the CPU.
 
 On a GPU the kernels run through CuPy (model/ops/backend.py compile_kernel prepends
 `typedef float scalar_t;` or double and compiles with --fmad=false). CI has no GPU, so here g++
@@ -18,13 +18,14 @@ emulates the CUDA features the kernels use:
 
 Why this is evidence for the GPU code path: the kernel source, the scalar types and the launch
 geometry are those CuPy runs (the tests launch the kernels with the grid, block and shared
-memory sizes of model/ops/nms.py and model/ops/roi_pool.py, and test_model_ops_cuda_path runs
-those modules' own CUDA branch with only CuPy's compile and launch swapped for the host build);
+memory sizes of model/ops/nms.py, roi_pool.py and roi_align.py, and the test_*_cuda_path tests
+run those modules' own CUDA branch with only CuPy's compile and launch swapped for the host
+build);
 -ffp-contract=off keeps every float / double operation rounded as with --fmad=false, so the
 results must be bit-identical to torchvision's CPU ops, the oracle. The threads of a block run
 concurrently, so a missing barrier corrupts shared memory as in a real launch. A lost update
-of a plain += instead of atomicAdd is too rare on two cores to show, so the backward test
-counts the atomicAdd calls instead. Not covered: what only the device has (warp scheduling,
+of a plain += instead of atomicAdd is too rare on two cores to show, so the backward tests
+count the atomicAdd calls instead. Not covered: what only the device has (warp scheduling,
 memory ordering between blocks, registers and static shared memory per block, speed). NVRTC,
 which CuPy compiles with, needs no GPU: test_kernels_compile_with_nvrtc compiles the sources
 with it where it is installed.
@@ -44,13 +45,14 @@ import torchvision
 OPS_DIR = Path(__file__).resolve().parents[1] / 'model' / 'ops'
 SHIM = Path(__file__).with_name('cuda_host_shim.h')
 KERNELS = {'nms.cu': ('nms_mask', 'nms_reduce'),
-           'roi_pool.cu': ('roi_pool_forward', 'roi_pool_backward')}
+           'roi_pool.cu': ('roi_pool_forward', 'roi_pool_backward'),
+           'roi_align.cu': ('roi_align_forward', 'roi_align_backward')}
 SCALARS = {torch.float32: 'float', torch.float64: 'double'}
 CXX_FLAGS = ('-std=c++20', '-O1', '-shared', '-fPIC', '-pthread', '-ffp-contract=off',
              '-fvisibility=hidden', '-Wall')
 # `extern __shared__ T name[];` -> `T* name = static_cast<T*>(host_cuda::dynamic_shared);`
 EXTERN_SHARED = re.compile(r'extern\s+__shared__\s+([\w\s]+?)\s+(\w+)\s*\[\s*\]\s*;')
-N_EXTERN_SHARED = {'nms.cu': 1, 'roi_pool.cu': 0}
+N_EXTERN_SHARED = {'nms.cu': 1, 'roi_pool.cu': 0, 'roi_align.cu': 0}
 # launch status codes of the shim (host_cuda::Status)
 DIVERGENT_SYNCTHREADS, SHARED_MEMORY_OVERFLOW, INVALID_CONFIGURATION = 1, 2, 3
 STATUS = {DIVERGENT_SYNCTHREADS: 'the threads of a block called __syncthreads() unequally often',
@@ -311,7 +313,8 @@ SPECIAL_ROIS = [
 def roi_pool_inputs(dtype, spatial_scale, seed=0):
     """x (N, C, H, W) with ties (channel 0 on a coarse grid, a constant negative patch in
     channel 1: the first maximum in scan order must win, -FLT_MAX must start the search) and
-    rois (R, 5) in input pixels: SPECIAL_ROIS and 40 random ones, many overlapping."""
+    rois (R, 5) in input pixels: SPECIAL_ROIS and 40 random ones, many overlapping. RoIAlign
+    uses them too: they sample inside, near and beyond every edge of the map."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N_IMAGES, CHANNELS, HEIGHT, WIDTH, generator=g, dtype=torch.float64)
     x[:, 0] = (x[:, 0] * 2).round()
@@ -396,6 +399,132 @@ def test_roi_pool_backward_equals_index_add(host_kernels, dtype, spatial_scale):
     assert (rois_per_cell >= 2).sum() >= 10 and rois_per_cell.max() >= 4
 
 
+# ------------------------------------------------------------------------------------ RoIAlign
+
+def run_roi_align(host_kernels, name, source, rois, spatial_scale, pooled, sampling_ratio,
+                  aligned, target):
+    """roi_align_forward (source x, target out) or roi_align_backward (source grad_out, target
+    grad_in), launched as model/ops/roi_align.py launches them: one thread per element of the
+    (R, C, PH, PW) output. Returns the number of atomicAdd calls."""
+    total = rois.shape[0] * CHANNELS * pooled[0] * pooled[1]
+    kernel = host_kernels(name, rois.dtype)
+    kernel.atomic_add_calls()  # reset the count
+    launch(kernel, (-(-total // 256),), (256,), (
+        source, rois, float(spatial_scale), CHANNELS, HEIGHT, WIDTH, *pooled, sampling_ratio,
+        int(aligned), total, target))
+    return kernel.atomic_add_calls()
+
+
+def roi_align_forward(host_kernels, x, rois, spatial_scale, pooled, sampling_ratio, aligned):
+    """(R, C, PH, PW) output of the forward kernel; it starts as NaN, so every element must be
+    written."""
+    out = torch.full((rois.shape[0], CHANNELS, *pooled), float('nan'), dtype=x.dtype)
+    run_roi_align(host_kernels, 'roi_align_forward', x, rois, spatial_scale, pooled,
+                  sampling_ratio, aligned, out)
+    return out
+
+
+def torchvision_roi_align_backward(grad, rois, spatial_scale, sampling_ratio, aligned):
+    """torchvision's CPU backward: grad_in (N, C, H, W) of grad_out (R, C, PH, PW)."""
+    return torch.ops.torchvision._roi_align_backward(
+        grad, rois, spatial_scale, *grad.shape[2:], N_IMAGES, CHANNELS, HEIGHT, WIDTH,
+        sampling_ratio, aligned)
+
+
+ALIGN_OPTIONS = [(0, True), (1, True), (2, True), (0, False), (2, False)]  # sampling, aligned
+
+
+@pytest.mark.parametrize('dtype', SCALARS)
+@pytest.mark.parametrize('spatial_scale', SPATIAL_SCALES, ids=['1/16', '1/8', '1', '0.3'])
+@pytest.mark.parametrize('sampling_ratio, aligned', ALIGN_OPTIONS)
+def test_roi_align_forward_equals_torchvision(host_kernels, dtype, spatial_scale, sampling_ratio,
+                                             aligned):
+    """Bit for bit torch.ops.torchvision.roi_align's on RoIs inside, partly and wholly outside
+    the map, tiny, empty and inverted (with aligned, an inverted RoI has negative bins)."""
+    x, rois = roi_pool_inputs(dtype, spatial_scale)
+    for pooled in [(7, 7), (3, 5)]:
+        out = roi_align_forward(host_kernels, x, rois, spatial_scale, pooled, sampling_ratio,
+                                aligned)
+        expected = torch.ops.torchvision.roi_align(x, rois, spatial_scale, *pooled,
+                                                   sampling_ratio, aligned)
+        assert torch.equal(out, expected)
+        assert (expected == 0).all(dim=(1, 2, 3)).any()  # a RoI whose samples all miss the map
+
+
+@pytest.mark.parametrize('dtype', SCALARS)
+def test_roi_align_forward_inverted_on_one_axis(host_kernels, dtype):
+    """Aligned with adaptive sampling, a RoI inverted along one axis only has a grid of
+    ceil(negative) x positive samples: torchvision 0.29's CPU op fails on it (a std::vector of
+    negative size), so there is no oracle; our kernel samples nothing and gives 0."""
+    x, _ = roi_pool_inputs(dtype, 1.0)
+    rois = torch.tensor([[0, 9.0, 2, 3, 8], [1, 3.0, 8, 9, 2]], dtype=dtype)
+    out = roi_align_forward(host_kernels, x, rois, 1.0, (2, 2), 0, True)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def half_cell_rois(dtype, spatial_scale):
+    """roi_pool_inputs's x and rois with the RoI corners moved to the nearest half cell."""
+    x, rois = roi_pool_inputs(torch.float64, spatial_scale)
+    rois[:, 1:] = (rois[:, 1:] * spatial_scale * 2).round() / 2 / spatial_scale
+    return x.to(dtype), rois.to(dtype)
+
+
+@pytest.mark.parametrize('dtype', SCALARS)
+@pytest.mark.parametrize('spatial_scale', [1 / 16, 1.0], ids=['1/16', '1'])
+@pytest.mark.parametrize('sampling_ratio, aligned', [(1, True), (2, True), (2, False)])
+def test_roi_align_backward_equals_torchvision(host_kernels, dtype, spatial_scale,
+                                               sampling_ratio, aligned):
+    """Bit for bit torchvision's CPU backward, whatever the order of the atomic additions:
+    with RoI corners on half cells (spatial_scale a power of 2: exact), 4 or 2 bins per side
+    and 1 or 2 samples per bin, every sample lies on a multiple of 1/32 cell, so every weight
+    is a multiple of 2^-10, and with integer gradients in [-8, 8] every term grad * weight /
+    count a multiple of 2^-12. Each partial sum at a cell is then a multiple of 2^-12 below
+    sum |term| < 2^12 in magnitude (asserted): 24 bits, exact in float32, in any order.
+    Every addition is an atomicAdd: 4 per sample inside the map (counted with a map of ones,
+    whose output is (samples inside) / count exactly), and cells get several of them."""
+    x, rois = half_cell_rois(dtype, spatial_scale)
+    for pooled in [(4, 4), (2, 4)]:
+        g = torch.Generator().manual_seed(pooled[0])
+        grad = torch.randint(-8, 9, (rois.shape[0], CHANNELS, *pooled), generator=g).to(dtype)
+        grad_in = torch.zeros(N_IMAGES, CHANNELS, HEIGHT, WIDTH, dtype=dtype)
+        atomic_add_calls = run_roi_align(host_kernels, 'roi_align_backward', grad, rois,
+                                         spatial_scale, pooled, sampling_ratio, aligned, grad_in)
+        expected = torchvision_roi_align_backward(grad, rois, spatial_scale, sampling_ratio,
+                                                  aligned)
+        assert torch.equal(grad_in, expected)
+
+        sum_abs = torchvision_roi_align_backward(grad.abs(), rois, spatial_scale,
+                                                 sampling_ratio, aligned)
+        assert sum_abs.max() < 2 ** 12
+        inside = torch.ops.torchvision.roi_align(
+            torch.ones(x.shape, dtype=torch.float64), rois.double(), spatial_scale, *pooled,
+            sampling_ratio, aligned) * sampling_ratio ** 2  # (R, C, PH, PW) samples inside
+        assert atomic_add_calls == 4 * inside.sum() > 2 * grad_in.numel()
+        assert (inside < sampling_ratio ** 2).any() and (inside > 0).any()
+
+
+@pytest.mark.parametrize('dtype', SCALARS)
+@pytest.mark.parametrize('spatial_scale', [0.3, 1 / 16], ids=['0.3', '1/16'])
+@pytest.mark.parametrize('aligned', [True, False])
+def test_roi_align_backward_close_to_torchvision(host_kernels, dtype, spatial_scale, aligned):
+    """Any RoIs, adaptive sampling, random gradients: the same terms as torchvision's, added
+    in another order, so only the rounding of the sums differs. A sum of n terms is off the
+    exact sum by at most about (n - 1) u sum |term| (u = eps / 2; Higham, Accuracy and
+    Stability, sec. 4.2), so the two differ by at most n eps sum |term|, with n <= all the
+    atomicAdd calls and sum |term| at a cell the backward of |grad| (weights are >= 0)."""
+    _, rois = roi_pool_inputs(dtype, spatial_scale)
+    grad = torch.randn(rois.shape[0], CHANNELS, 7, 7, generator=torch.Generator().manual_seed(4),
+                       dtype=dtype)
+    grad_in = torch.zeros(N_IMAGES, CHANNELS, HEIGHT, WIDTH, dtype=dtype)
+    atomic_add_calls = run_roi_align(host_kernels, 'roi_align_backward', grad, rois,
+                                     spatial_scale, (7, 7), 0, aligned, grad_in)
+    expected = torchvision_roi_align_backward(grad, rois, spatial_scale, 0, aligned)
+    bound = atomic_add_calls * torch.finfo(dtype).eps * torchvision_roi_align_backward(
+        grad.abs(), rois, spatial_scale, 0, aligned)
+    assert ((grad_in - expected).abs() <= bound).all()
+    assert atomic_add_calls > 2 * grad_in.numel()
+
+
 # --------------------------------------------- model.ops's CUDA branch, with the host build
 
 @pytest.fixture
@@ -437,6 +566,36 @@ def test_model_ops_cuda_path(cuda_path_on_host, dtype):
     out.backward(grad.to(dtype))
     expected_out.backward(grad.to(dtype))
     assert torch.equal(x_ours.grad, x_theirs.grad)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.float16])
+def test_roi_align_cuda_path(cuda_path_on_host, dtype):
+    """RoIAlign through its CUDA branch equals torchvision.ops.roi_align with its autograd,
+    forward and backward (exact on half cells, as in test_roi_align_backward_equals_torchvision),
+    adaptive and fixed sampling; float16 runs in float32 on both sides. No RoIs: no launch."""
+    from model.ops import RoIAlign
+
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    x, rois = half_cell_rois(compute, 1 / 16)
+    x = x.to(dtype)
+    grad = torch.randint(-8, 9, (rois.shape[0], CHANNELS, 4, 4),
+                         generator=torch.Generator().manual_seed(5))
+    for output_size, sampling_ratio, aligned in [((4, 4), 2, True), (4, 0, False)]:
+        x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = RoIAlign(output_size, 1 / 16, sampling_ratio, aligned, backend='cupy')(x_ours, rois)
+        expected = torchvision.ops.roi_align(x_theirs.to(compute), rois, output_size, 1 / 16,
+                                             sampling_ratio, aligned).to(dtype)
+        assert out.dtype == dtype and torch.equal(out, expected)
+        if sampling_ratio:  # adaptive grids of 3 x 3 divide by 9: not exact in any order
+            out.backward(grad.to(dtype))
+            expected.backward(grad.to(dtype))
+            assert x_ours.grad.dtype == dtype and torch.equal(x_ours.grad, x_theirs.grad)
+
+    x_ours = x.clone().requires_grad_()
+    out = RoIAlign(7, 1 / 16, backend='cupy')(x_ours, rois[:0])
+    assert out.shape == (0, CHANNELS, 7, 7)
+    out.sum().backward()
+    assert torch.equal(x_ours.grad, torch.zeros_like(x_ours))
 
 
 # ----------------------------------------------------------------------------------- NVRTC

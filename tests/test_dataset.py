@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -188,8 +190,8 @@ def test_build_custom_and_toy(tmp_path, toy_root, monkeypatch):
 
 
 def test_build_errors(tmp_path):
-    with pytest.raises(ValueError, match='unknown dataset .coco.; valid: voc07, voc0712, custom'):
-        build_bbox_dataset('coco', tmp_path, 'trainval')
+    with pytest.raises(ValueError, match='unknown dataset .lvis.; valid: voc07, voc0712, custom'):
+        build_bbox_dataset('lvis', tmp_path, 'trainval')
     with pytest.raises(DataError, match='VOC2012: dataset folder not found'):
         _voc_year(tmp_path / 'VOC2007', ['1', '2'])
         build_bbox_dataset('voc0712', tmp_path, 'trainval')
@@ -197,3 +199,52 @@ def test_build_errors(tmp_path):
         build_bbox_dataset('voc07', None, 'trainval')
     with pytest.raises(DataError, match='missing: dataset folder not found'):
         build_bbox_dataset('custom', tmp_path / 'missing', 'trainval')
+
+
+def _coco_json(path, names, categories=((1, 'cat'), (3, 'dog')), image_folder='.'):
+    """A COCO JSON at path with 12x10 images names (written to path's folder/image_folder),
+    one box of the last category each."""
+    (path.parent / image_folder).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new('RGB', (12, 10)).save(path.parent / image_folder / f'{name}.png')
+    path.write_text(json.dumps({
+        'images': [{'id': k, 'file_name': f'{name}.png', 'width': 12, 'height': 10}
+                   for k, name in enumerate(names)],
+        'annotations': [{'image_id': k, 'category_id': categories[-1][0], 'bbox': [1, 1, 4, 4]}
+                        for k in range(len(names))],
+        'categories': [{'id': i, 'name': name} for i, name in categories]}))
+    return path
+
+
+def test_build_coco_one_json_or_two(tmp_path):
+    names = [f'img{k}' for k in range(12)]
+    one = _coco_json(tmp_path / 'one' / 'all.json', names)
+    splits = {split: build_bbox_dataset('coco', None, split, coco_json=one)
+              for split in ('trainval', 'test')}
+    assert sorted(splits['trainval'].ids + splits['test'].ids) == list(range(12))
+    assert len(splits['test']) == 5 and splits['test'].image_path(0).parent == one.parent
+    trainval = _coco_json(tmp_path / 'two' / 'trainval.json', names[:3], image_folder='images')
+    test = _coco_json(tmp_path / 'two' / 'test.json', ['t'], ((3, 'dog'), (7, 'cat')), 'images')
+    options = dict(coco_json=trainval, coco_test_json=test, image_dir=tmp_path / 'two' / 'images')
+    train_set = build_bbox_dataset('coco', None, 'trainval', **options)
+    assert train_set.ids == [0, 1, 2] and train_set.class_names == ('cat', 'dog')
+    test_set = build_bbox_dataset('coco', None, 'test', train_set.class_names, **options)
+    assert test_set.ids == [0] and test_set.class_names == ('cat', 'dog')  # trainval's order
+    assert test_set.category_ids == (7, 3) and test_set.get_annotation(0)[1].tolist() == [0]
+    with pytest.raises(ValueError, match="dataset 'coco' needs a COCO JSON file"):
+        build_bbox_dataset('coco', tmp_path, 'trainval')
+
+
+def test_build_coco2017(tmp_path):
+    _coco_json(tmp_path / 'annotations' / 'instances_train2017.json', ['a', 'b'],
+               image_folder='../train2017')
+    _coco_json(tmp_path / 'annotations' / 'instances_val2017.json', ['c'],
+               image_folder='../val2017')
+    trainval = build_bbox_dataset('coco2017', tmp_path, 'trainval')
+    assert trainval.ids == [0, 1] and trainval.image_path(1) == tmp_path / 'train2017' / 'b.png'
+    test = build_bbox_dataset('coco2017', tmp_path, 'test', trainval.class_names)
+    assert test.image_path(0) == tmp_path / 'val2017' / 'c.png'
+    with pytest.raises(ValueError, match=r"'coco2017' has splits trainval \(train2017\) and test"):
+        build_bbox_dataset('coco2017', tmp_path, 'val')
+    with pytest.raises(DataError, match=r'instances_train2017\.json: unreadable or malformed'):
+        build_bbox_dataset('coco2017', tmp_path / 'elsewhere', 'trainval')

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model.backbones import vgg16_parts
+from model.backbones import build_backbone
 from model.faster_rcnn import build_faster_rcnn
 
 SIZES = [(256, 320), (224, 288)]
@@ -99,7 +99,7 @@ def test_vgg16_weights_load_and_first_convs_are_frozen(tmp_path):
     import torchvision
     reference = torchvision.models.vgg16(weights=None).state_dict()
     torch.save(reference, tmp_path / 'vgg16.pth')
-    extractor, classifier, _, _ = vgg16_parts(tmp_path / 'vgg16.pth')
+    extractor, classifier = build_backbone('vgg16', tmp_path / 'vgg16.pth')[:2]
     assert torch.equal(extractor[28].weight, reference['features.28.weight'])  # conv5_3
     assert torch.equal(classifier[2].weight, reference['classifier.3.weight'])  # fc7
     frozen = [p.requires_grad for layer in list(extractor)[:10] for p in layer.parameters()]
@@ -107,8 +107,8 @@ def test_vgg16_weights_load_and_first_convs_are_frozen(tmp_path):
     assert all(p.requires_grad for layer in list(extractor)[10:] for p in layer.parameters())
     del reference['features.28.weight']
     torch.save(reference, tmp_path / 'broken.pth')
-    with pytest.raises(ValueError, match='broken.pth is not a VGG16 state dict: missing'):
-        vgg16_parts(tmp_path / 'broken.pth')
+    with pytest.raises(ValueError, match='broken.pth is not a vgg16 state dict: missing'):
+        build_backbone('vgg16', tmp_path / 'broken.pth')
 
 
 # Losses, gradients and detections of a fixed seed and input, computed once by the code before

@@ -299,7 +299,7 @@ def run_cli(*args, cwd=ROOT):
     (['--epochs=1.5'], 'error: --epochs=1.5 is not a whole number'),
     (['--amp=perhaps'], "error: --amp='perhaps' is not a boolean; use true or false"),
     (['--lrr=0.1'], 'error: unknown option --lrr; did you mean --lr'),
-    (['--dataset=custom', '--voc-data-dir=/no/such'], "error: --voc-data-dir: no folder at"),
+    (['--dataset=custom', '--voc-data-dir=/no/such'], 'error: --voc-data-dir: nothing at'),
 ])
 def test_cli_errors_are_one_line(args, message):
     result = run_cli('train', '--visdom=false', *args)

@@ -26,8 +26,16 @@ DATASET_DEFAULTS = {
     'voc': dict(extractor='vgg16', min_size=600, max_size=1000, anchor_scales=(8, 16, 32),
                 epochs=14, lr_milestones=(9,), num_workers=2, plot_every=40),
 }
-# The small extractor has BatchNorm and learns from scratch: it takes a 10x larger lr.
-EXTRACTOR_DEFAULTS = {'vgg16': dict(lr=1e-3), 'small': dict(lr=0.01)}
+# Solver settings per extractor. VGG16: the paper's Caffe solver. The small extractor has
+# BatchNorm and learns from scratch: a 10x larger lr. ResNet and MobileNet: tf-faster-rcnn's
+# (lr 1e-3 at batch 1, weight decay 1e-4 and 4e-5, biases at the weights' lr).
+CAFFE_SOLVER = dict(lr=1e-3, weight_decay=5e-4, double_bias=True)
+EXTRACTOR_DEFAULTS = {
+    'vgg16': CAFFE_SOLVER, 'small': {**CAFFE_SOLVER, 'lr': 0.01},
+    'resnet50': dict(lr=1e-3, weight_decay=1e-4, double_bias=False),
+    'resnet101': dict(lr=1e-3, weight_decay=1e-4, double_bias=False),
+    'mobilenet_v3': dict(lr=1e-3, weight_decay=4e-5, double_bias=False),
+}
 # Held out of the training split for the per-epoch mAP: this fraction of it, at most the cap.
 VAL_FRACTION, VAL_CAP = 0.1, 300
 
@@ -35,8 +43,10 @@ VAL_FRACTION, VAL_CAP = 0.1, 300
 # values (data.dataset.DATASETS, model.backbones.BACKBONES, model.transform.NORMALIZATION,
 # model.ops.BACKENDS) do not import the Config; tests/test_config.py checks they agree.
 CHOICES = {
-    'dataset': ('voc07', 'voc0712', 'custom', 'toy'),
-    'extractor': ('vgg16', 'small'),
+    'dataset': ('voc07', 'voc0712', 'custom', 'toy', 'coco', 'coco2017'),
+    'metric': ('voc', 'coco'),
+    'extractor': ('vgg16', 'small', 'resnet50', 'resnet101', 'mobilenet_v3'),
+    'pretrained': ('imagenet',),
     'normalization': ('caffe', 'torchvision'),
     'optimizer': ('sgd', 'adam'),
     'device': ('auto', 'cpu', 'cuda'),
@@ -48,6 +58,7 @@ CHOICES = {
 # same images throughout, none of which were trained on), and where the run lives.
 FIXED_ON_RESUME = ('dataset', 'class_names', 'extractor', 'anchor_scales', 'anchor_ratios',
                    'normalization', 'caffe_pretrain', 'caffe_pretrain_path', 'pretrained_path',
+                   'pretrained',
                    'optimizer', 'seed', 'n_val_images', 'out_dir', 'run_name')
 # Numeric options that must lie in a range (None, where allowed, is not checked).
 RANGES = {
@@ -121,6 +132,10 @@ class Config:
     # --- data ---
     dataset: str = 'toy'               # voc07 | voc0712 | custom | toy
     voc_data_dir: str | None = None    # VOCdevkit (voc07, voc0712) or your VOC-format folder
+    coco_json: str | None = None       # --dataset=coco: one COCO JSON (split 80/20 unless ...)
+    coco_test_json: str | None = None  # ... this JSON is the test split
+    image_dir: str | None = None       # the COCO JSON's images (default: the JSON's folder)
+    coco_dir: str | None = None        # --dataset=coco2017: annotations/, train2017/, val2017/
     class_names: tuple[str, ...] | None = None  # fixes the class list; default: found in the XMLs
     skip_bad: bool = False             # skip unreadable images / malformed XML with a warning
     use_difficult: bool = False        # train on 'difficult' objects too (the paper does not)
@@ -133,7 +148,8 @@ class Config:
     extractor: str | None = None       # vgg16 (the paper) | small (a few convs, for the toy set)
     caffe_pretrain: bool = False       # start from the caffe VGG16 (implies vgg16; see misc/)
     caffe_pretrain_path: str = 'weights/vgg16_caffe.pth'
-    pretrained_path: str | None = None  # a local torchvision VGG16 weights file (implies vgg16)
+    pretrained_path: str | None = None  # torchvision's weights file of --extractor (or vgg16)
+    pretrained: str | None = None      # imagenet: torchvision's published weights (downloaded)
     normalization: str | None = None   # caffe (BGR, 0..255) with caffe weights, else torchvision
     anchor_scales: tuple[float, ...] | None = None  # anchor sides = 16 * scale * sqrt(ratio)
     anchor_ratios: tuple[float, ...] = (0.5, 1, 2)
@@ -163,14 +179,17 @@ class Config:
     lr: float | None = None            # paper: 1e-3 for batch 1 (VGG16)
     lr_scaling: str = 'none'           # linear: lr x total batch size (Goyal et al. 2017)
     momentum: float = 0.9
-    weight_decay: float = 5e-4         # not on biases, which get 2x lr as in the Caffe solver
+    weight_decay: float | None = None  # not on biases; per extractor (EXTRACTOR_DEFAULTS)
+    double_bias: bool | None = None    # biases at 2x lr, as in the Caffe solver (VGG16)
     lr_decay: float = 0.1
     lr_milestones: tuple[int, ...] | None = None  # epochs after which lr is x lr_decay
     epochs: int | None = None
     batch_size: int = 1                # images per step and process; the paper uses 1
     amp: bool = False                  # mixed precision: bf16 on CPU, fp16 + GradScaler on CUDA
 
-    # --- evaluation (predict's 'evaluate' preset; mAP is VOC07 11-point, the paper's) ---
+    # --- evaluation (predict's 'evaluate' preset) ---
+    metric: str | None = None          # voc: VOC07 11-point mAP (the paper's); coco: COCO AP
+                                       # (pycocotools); default coco on COCO data, else voc
     eval_score_thresh: float = 0.05    # keep detections scoring above this
     eval_nms_thresh: float = 0.3       # class-wise NMS of the detections
 
@@ -194,12 +213,19 @@ class Config:
         self.validate()
 
     def _fill_defaults(self):
-        if self.caffe_pretrain or self.pretrained_path is not None:
-            holder = '--caffe-pretrain' if self.caffe_pretrain else '--pretrained-path'
-            if self.extractor not in (None, 'vgg16'):
-                raise ValueError(f'{holder} holds VGG16 weights, but --extractor='
-                                 f'{self.extractor}; drop one of the two')
-            self.extractor = 'vgg16'
+        given = [option for option, value in (('--caffe-pretrain', self.caffe_pretrain or None),
+                 ('--pretrained-path', self.pretrained_path), ('--pretrained', self.pretrained))
+                 if value is not None]
+        if len(given) > 1:
+            raise ValueError(f'{given[0]} and {given[1]} both give the starting weights; keep one')
+        if self.caffe_pretrain and self.extractor not in (None, 'vgg16'):
+            raise ValueError(f'--caffe-pretrain holds VGG16 weights, but --extractor='
+                             f'{self.extractor}; drop one of the two')
+        if given and self.extractor == 'small':
+            raise ValueError(f'{given[0]} gives pre-trained weights, but --extractor=small has '
+                             'none; drop one of the two')
+        if given and self.extractor is None:
+            self.extractor = 'vgg16'  # the paper's backbone
         defaults = DATASET_DEFAULTS['toy' if self.dataset == 'toy' else 'voc']
         defaults = {**defaults, **EXTRACTOR_DEFAULTS.get(self.extractor or defaults['extractor'])}
         for name, value in defaults.items():
@@ -207,10 +233,12 @@ class Config:
                 setattr(self, name, value)
         if self.normalization is None:
             self.normalization = 'caffe' if self.caffe_pretrain else 'torchvision'
+        if self.metric is None:
+            self.metric = 'coco' if self.dataset.startswith('coco') else 'voc'
 
     def validate(self):
         for name, valid in CHOICES.items():
-            if getattr(self, name) not in valid:
+            if getattr(self, name) not in (*valid, None):  # None: not given, where optional
                 raise ValueError(f'{option_name(name)}={getattr(self, name)!r} is not valid; '
                                  f'choose one of {", ".join(valid)}')
         for what, names in RANGES.items():
@@ -232,13 +260,15 @@ class Config:
             raise ValueError(f'--visdom-port must be in 1..65535, got {self.visdom_port}')
 
     def check_data_dir(self):
-        """The data folder must exist for the real datasets (the toy one makes its own)."""
-        if self.dataset == 'toy' and self.voc_data_dir is None:
-            return
-        if self.voc_data_dir is None:
-            raise ValueError(f'--dataset={self.dataset} needs --voc-data-dir=<folder>')
-        if not os.path.isdir(self.voc_data_dir):
-            raise ValueError(f'--voc-data-dir: no folder at {self.voc_data_dir!r}')
+        """The data the dataset needs must exist (the toy dataset makes its own)."""
+        needs = {'coco': ('coco_json',), 'coco2017': ('coco_dir',), 'toy': ()}
+        for name in needs.get(self.dataset, ('voc_data_dir',)):
+            if getattr(self, name) is None:
+                raise ValueError(f'--dataset={self.dataset} needs {option_name(name)}=<path>')
+        for name in ('voc_data_dir', 'coco_json', 'coco_test_json', 'image_dir', 'coco_dir'):
+            path = getattr(self, name)
+            if path is not None and not os.path.exists(path):
+                raise ValueError(f'{option_name(name)}: nothing at {path!r}')
 
     def n_val(self, n_images):
         """Images held out of a training split of n_images: --n-val-images, or by default

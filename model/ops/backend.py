@@ -1,6 +1,6 @@
 """The one place that picks the backend of NMS and RoI pooling, and the CuPy plumbing.
 
-Backends: 'cupy' runs our CUDA kernels (nms.cu, roi_pool.cu beside this file) through CuPy;
+Backends: 'cupy' runs our CUDA kernels (nms.cu, roi_pool.cu, roi_align.cu here) through CuPy;
 'torchvision' uses torchvision.ops; 'auto' takes CuPy for CUDA tensors when CuPy imports and
 can launch a kernel on that device, torchvision.ops otherwise. CuPy is optional: nothing here
 imports it until a CUDA tensor asks for it.

@@ -1,0 +1,161 @@
+"""COCO-format detection data: a COCO JSON file and the folder of its images, as a bbox dataset.
+
+The JSON holds images (id, file_name relative to the image folder, width, height), annotations
+(image_id, category_id, bbox [x, y, width, height] in 0-based continuous pixels, so x_max = x +
+width; iscrowd, 0 when absent) and categories (id, name). Crowd boxes (iscrowd=1) come back as
+difficult: training drops them and evaluation ignores them, as COCO's own evaluation does.
+Images without annotations are kept: they are the negatives.
+"""
+import json
+import math
+import warnings
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from data.util import DataError
+from data.voc_dataset import HASH_SPLITS, VOCBboxDataset, _clip, _hash_split, _image_size
+
+
+def _is_number(value):
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+# What a field must be: (predicate, what it says when the value fails it).
+LIST = (lambda value: isinstance(value, list), 'a list')
+NAME = (lambda value: isinstance(value, str) and value != '', 'a non-empty string')
+POSITIVE = (lambda value: _is_number(value) and value > 0, 'a positive number')
+BBOX = (lambda box: isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))
+        and min(box[2:]) >= 0, '[x, y, width, height] of finite numbers, width, height >= 0')
+
+
+def _fields(record, where, checks):
+    """record's values of the keys of checks, {key: (predicate, what the value must be)};
+    DataError naming where when record is no JSON object, lacks a key or fails a check."""
+    if not isinstance(record, dict):
+        raise DataError(f'{where}: not a JSON object')
+    for key, (ok, must_be) in checks.items():
+        if key not in record or not ok(record[key]):
+            raise DataError(f'{where}: ' + (f'{key} {record[key]!r} is not {must_be}'
+                                            if key in record else f'missing key {key!r}'))
+    return [record[key] for key in checks]
+
+
+def _load(json_path):
+    """The images, annotations and categories lists of a COCO JSON file."""
+    try:
+        data = json.loads(json_path.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: malformed, with the line and column
+        raise DataError(f'{json_path}: unreadable or malformed JSON ({e})') from e
+    return _fields(data, json_path, dict(images=LIST, annotations=LIST, categories=LIST))
+
+
+def _categories(json_path, records, class_names):
+    """-> class_names, their category ids, {category id: name} of every category."""
+    names = {}
+    new_id = (lambda value: type(value) is int and value not in names, 'a unique integer')
+    for k, record in enumerate(records):
+        category_id, name = _fields(record, f'{json_path}: categories[{k}]',
+                                    dict(id=new_id, name=NAME))
+        names[category_id] = name
+    by_name = {name: category_id for category_id, name in sorted(names.items())}
+    class_names = tuple(by_name if class_names is None else class_names)
+    unknown = [name for name in class_names if name not in by_name]
+    if unknown or not class_names:
+        raise DataError(f'{json_path}: class names {unknown} are not among its categories; '
+                        f'valid: {", ".join(by_name)}')
+    return class_names, tuple(by_name[name] for name in class_names), names
+
+
+class COCOBboxDataset(VOCBboxDataset):
+    """Boxes and labels of the images of a COCO JSON file (see the module docstring).
+
+    Samples, skip_bad, check_images and every accessor are VOCBboxDataset's. Each image's size
+    is read from its header at construction and must be the JSON's width and height: a resized
+    or rotated copy would misplace every box. ids are COCO image ids and category_ids[k] the
+    COCO id of label k, so a detection (i, box, label) is the COCO result {image_id: ids[i],
+    category_id: category_ids[label], bbox: x_min, y_min, x_max - x_min, y_max - y_min}.
+
+    image_dir: the folder the file_names are relative to.
+    split: 'all' is every image (a JSON that is one split, as COCO's own); 'trainval' or 'test'
+    is the 80/20 hash split of data.voc_dataset's folders without ImageSets, of the file names'
+    stems: a VOC-format folder converted to COCO keeps its split.
+    class_names: None takes every category, in order of id; given, it selects and orders them
+    by name, and an annotation of another category is an error, as an unknown class name is in
+    VOCBboxDataset (with skip_bad its image is skipped).
+    skipped names the skipped records, as 'file.json: images[k]'. Records of no known image
+    (an image without a valid id or file_name, an annotation of an unknown image_id) are bad in
+    every split; the rest of a bad image only in its own.
+    """
+
+    def __init__(self, json_path, image_dir, split='trainval', class_names=None, skip_bad=False,
+                 check_images=False):
+        json_path, image_dir = Path(json_path), Path(image_dir)
+        if split != 'all' and split not in HASH_SPLITS:
+            raise DataError(f'{json_path}: unknown split {split!r}; valid: all, '
+                            f'{", ".join(HASH_SPLITS)}')
+        images, annotations, categories = _load(json_path)
+        self.class_names, self.category_ids, names = _categories(json_path, categories,
+                                                                 class_names)
+        self.skipped, records = [], {}  # records: image id -> (where, record, [(where, ann)])
+        new_id = (lambda value: isinstance(value, int | str) and value not in records,
+                  'a unique integer or string')
+        image_id = (lambda value: isinstance(value, int | str) and value in records,
+                    'one of its image ids')
+        for k, record in enumerate(images):
+            where = f'{json_path}: images[{k}]'
+            key = self._guarded(skip_bad, where, _fields, record, where,
+                                dict(id=new_id, file_name=NAME))
+            if key:
+                records[key[0]] = (where, record, [])
+        for k, record in enumerate(annotations):
+            where = f'{json_path}: annotations[{k}]'
+            key = self._guarded(skip_bad, where, _fields, record, where, dict(image_id=image_id))
+            if key:
+                records[key[0]][2].append((where, record))
+        stems = {i: PurePosixPath(record['file_name']).stem for i, (_, record, _) in
+                 records.items()}
+        chosen = set(stems.values())
+        chosen = chosen if split == 'all' else set(_hash_split(chosen, split))
+        ids = sorted((i for i in records if stems[i] in chosen),
+                     key=lambda i: records[i][1]['file_name'])
+        labels = {category_id: k for k, category_id in enumerate(self.category_ids)}
+        samples = {i: self._guarded(skip_bad, records[i][0], self._image_sample, image_dir,
+                                    *records[i], names, labels) for i in ids}
+        samples = {i: sample for i, sample in samples.items() if sample is not None}
+        if check_images:
+            samples = self._check_images(samples, {i: records[i][0] for i in samples}, skip_bad)
+        self.ids, self._samples = list(samples), list(samples.values())
+        if self.skipped:
+            warnings.warn(f'{json_path}: skipped {len(self.skipped)} bad records of split '
+                          f'{split!r}', stacklevel=2)
+        if not self.ids:
+            raise DataError(f'{json_path}: split {split!r} has no images')
+
+    def _image_sample(self, image_dir, where, record, objects, names, labels):
+        """-> (image path, (H, W), bbox, label, difficult) of an image record and its
+        annotations, the boxes clipped to the image."""
+        width, height = _fields(record, where, dict(width=POSITIVE, height=POSITIVE))
+        image_path = image_dir / record['file_name']
+        try:
+            size = _image_size(image_path)
+        except DataError as e:
+            raise DataError(f'{where}: {e}') from e
+        if size != (height, width):
+            raise DataError(f'{where}: {image_path} is {size[1]}x{size[0]}, not {width}x{height}; '
+                            'every box would be misplaced')
+        known = (lambda value: type(value) is int and value in names, 'one of its category ids')
+        bbox, label, difficult = [], [], []
+        for where_object, annotation in objects:
+            category_id, (x, y, w, h) = _fields(annotation, where_object,
+                                                dict(category_id=known, bbox=BBOX))
+            if category_id not in labels:
+                raise DataError(f'{where_object}: unknown class name {names[category_id]!r}; '
+                                f'valid: {", ".join(self.class_names)}')
+            bbox.append([x, y, x + w, y + h])
+            label.append(labels[category_id])
+            difficult.append(bool(annotation.get('iscrowd', 0)))
+        bbox, keep = _clip(np.array(bbox, np.float32).reshape(-1, 4), size, where)
+        return (image_path, size) + tuple(torch.from_numpy(a[keep]) for a in (
+            bbox, np.array(label, np.int64), np.array(difficult, bool)))

@@ -1,0 +1,54 @@
+"""What every backbone gives the detector, and how its pre-trained weights are loaded."""
+from typing import NamedTuple
+
+import torch
+import torchvision
+from torch import nn
+
+FEAT_STRIDE = 16  # every backbone's features are 1/16 of the input, as VGG16's conv5_3
+
+
+class Backbone(NamedTuple):
+    """extractor: (N, 3, H, W) -> (N, channels, H / 16, W / 16), the features RPN and head share.
+    classifier: (R, channels * roi_size**2) pooled RoIs, flattened -> (R, features).
+    roi_op: 'pool' (RoI max pooling, Fast R-CNN) or 'align' (RoIAlign, Mask R-CNN sec. 3)."""
+    extractor: nn.Module
+    classifier: nn.Module
+    channels: int
+    features: int
+    roi_op: str = 'pool'
+    roi_size: int = 7
+
+
+def freeze(*modules):
+    """No gradient for the modules' parameters: the pre-trained layers training leaves fixed."""
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def load_pretrained(model, weights, name, skip=()):
+    """Loads ImageNet weights into torchvision's model `name` ('vgg16', 'resnet50', ...), name
+    by name and shape by shape; keys starting with `skip` (the ImageNet classifier) are unused.
+
+    weights: a file holding torchvision's state dict of that model, or 'imagenet' for
+    torchvision's published weights (downloaded once into torch.hub's cache).
+    """
+    if weights == 'imagenet':
+        state = torchvision.models.get_model_weights(name)['IMAGENET1K_V1'].get_state_dict()
+    else:
+        try:
+            state = torch.load(weights, map_location='cpu', weights_only=True)
+        except Exception as e:  # missing, truncated or not a torch file
+            raise ValueError(f'cannot read {name} weights from {weights}: {e}') from e
+    needed = {key: value.shape for key, value in model.state_dict().items()
+              if not key.startswith(skip) and not key.endswith('num_batches_tracked')}
+    missing = sorted(set(needed) - set(state)) if isinstance(state, dict) else ['everything']
+    if missing:
+        raise ValueError(f'{weights} is not a {name} state dict: missing {missing[0]} '
+                         f'(and {len(missing) - 1} more)')
+    for key, shape in needed.items():
+        if state[key].shape != shape:
+            raise ValueError(f'{weights}: {key} has shape {tuple(state[key].shape)}, {name} '
+                             f'needs {tuple(shape)}')
+    model.load_state_dict({key: state[key] for key in needed}, strict=False)
