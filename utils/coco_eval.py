@@ -14,7 +14,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.eval_tool import _to_numpy
+from utils.eval_tool import _n_class, _to_numpy
 
 # The six AP rows of COCOeval's 12-line summary, in the order of COCOeval.stats.
 COCO_AP_KEYS = ('ap', 'ap50', 'ap75', 'ap_small', 'ap_medium', 'ap_large')
@@ -53,9 +53,7 @@ def eval_detection_coco(pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_lab
         raise ValueError('eval_detection_coco needs one entry per image in each list; got '
                          f'lengths {[len(values) for values in inputs]}')
     images = [_to_numpy(*image) for image in zip(*inputs[:6], strict=True)]
-    if n_class is None:
-        n_class = 1 + max((int(labels.max()) for image in images for labels in (image[1], image[4])
-                           if len(labels)), default=-1)
+    n_class = _n_class(images) if n_class is None else n_class
 
     dataset = {'images': [], 'annotations': [],
                'categories': [{'id': cls + 1, 'name': str(cls)} for cls in range(n_class)]}

@@ -48,9 +48,7 @@ def eval_detection_voc(pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_labe
         raise ValueError('eval_detection_voc needs one entry per image in each list; got lengths '
                          f'{[len(values) for values in inputs]}')
     images = [_to_numpy(*image) for image in zip(*inputs, strict=True)]
-    if n_class is None:
-        n_class = 1 + max((int(labels.max()) for image in images for labels in (image[1], image[4])
-                           if len(labels)), default=-1)
+    n_class = _n_class(images) if n_class is None else n_class
 
     n_pos = np.zeros(n_class, np.int64)
     scores, matches = [[] for _ in range(n_class)], [[] for _ in range(n_class)]
@@ -134,6 +132,12 @@ def format_ap_table(ap, class_names, map_value):
     return '\n'.join([f'{"class":<{width}}  AP'] + [
         f'{name:<{width}}  {"n/a" if np.isnan(value) else f"{value:.4f}"}'
         for name, value in rows])
+
+
+def _n_class(images):
+    """Foreground classes of _to_numpy'd images: the largest label, predicted or true, + 1."""
+    return 1 + max((int(labels.max()) for image in images for labels in (image[1], image[4])
+                    if len(labels)), default=-1)
 
 
 def _to_numpy(bbox, label, score, gt_bbox, gt_label, gt_difficult):
