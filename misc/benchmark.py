@@ -1,6 +1,13 @@
-"""Speed and memory of our VGG16 Faster R-CNN side by side with torchvision's FasterRCNN.
+"""Speed and memory of our Faster R-CNN side by side with torchvision's FasterRCNN.
 
-torchvision's model is configured to our design and shares our weights: the same VGG16 conv5_3
+With a feature pyramid (--extractor=resnet50_fpn or resnet101_fpn), torchvision's side is its
+own R-FPN as fasterrcnn_resnet50_fpn builds it for fine-tuning (frozen BatchNorm, conv1 and
+layer1 fixed), with random weights that misc/convert_torchvision_fpn.py copies into ours: the
+two compute the same (tests/test_fpn.py). Both keep the input's size and pad it to a multiple
+of 32.
+
+With a C4 backbone, torchvision's model is configured to our design and shares our weights:
+the same
 backbone (a copy of our extractor, conv1-conv2 frozen), RPN conv and heads (its one-logit
 objectness is our fg - bg logit, so its sigmoid is our softmax), 9 anchors at stride 16, RoI
 max pooling 7x7 at 1/16, fc6 + fc7 and the box predictor, and the paper's proposal counts,
@@ -29,15 +36,20 @@ import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from misc.convert_torchvision_fpn import torchvision_to_ours  # noqa: E402
 from model.backbones import FEAT_STRIDE  # noqa: E402
 from model.faster_rcnn import MAX_PER_IMAGE, build_faster_rcnn  # noqa: E402
 from model.ops import RoIAlign  # noqa: E402
 from model.transform import normalize  # noqa: E402
+from train import model_options  # noqa: E402
 from trainer import make_optimizer  # noqa: E402
+from utils.config import Config  # noqa: E402
 
 # Our stages in pipeline order; a dotted name is part of the stage before the dot.
 STAGES = ('preprocess', 'backbone', 'rpn', 'rpn.proposals', 'anchor_targets', 'proposal_targets',
@@ -114,6 +126,16 @@ def torchvision_twin(ours, height, width):
     size = ours.head.pool.output_size if align else ours.head.pool.outh
     model.roi_heads.box_roi_pool = RoIPoolOneLevel(size, 1 / FEAT_STRIDE, align)
     model.rpn.min_size = proposals.min_size
+    return model
+
+
+def torchvision_fpn_twin(ours, depth, height, width):
+    """torchvision's ResNet-FPN FasterRCNN for fine-tuning, random weights, copied into ours."""
+    backbone = resnet_fpn_backbone(backbone_name=f'resnet{depth}', weights=None,
+                                   norm_layer=FrozenBatchNorm2d, trainable_layers=3)
+    model = TorchvisionFasterRCNN(backbone, num_classes=ours.n_class, min_size=min(height, width),
+                                  max_size=max(height, width))  # scale 1, as ours
+    ours.load_state_dict(torchvision_to_ours(model.state_dict()))
     return model
 
 
@@ -296,9 +318,16 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
         return torch.autocast(device.type, dtype=amp_dtype) if amp else nullcontext()
 
     torch.manual_seed(seed)
-    ours = build_faster_rcnn(n_class, extractor, min_size=min(height, width),
-                             max_size=max(height, width)).to(device)  # predict keeps the size
-    theirs = torchvision_twin(ours, height, width).to(device)
+    cfg = Config(dataset='voc07', extractor=extractor, min_size=min(height, width),
+                 max_size=max(height, width))  # the extractor's defaults; predict keeps the size
+    ours = build_faster_rcnn(n_class, **model_options(cfg))
+    if extractor.endswith('_fpn'):
+        if extractor == 'small_fpn':
+            raise ValueError('--extractor=small_fpn has no torchvision counterpart to time')
+        theirs = torchvision_fpn_twin(ours, int(extractor[6:-4]), height, width).to(device)
+    else:
+        theirs = torchvision_twin(ours, height, width).to(device)
+    ours = ours.to(device)
     images, bboxes, labels = synthetic_batch(batch_size, height, width, n_class, seed)
     images, bboxes, labels = (images.to(device), [b.to(device) for b in bboxes],
                               [lab.to(device) for lab in labels])

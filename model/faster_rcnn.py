@@ -6,9 +6,14 @@ proposes boxes on them; the RoI head pools each proposal's features, classifies 
 its box. Training adds the figure's other half: targets for the RPN's anchors and for a
 sample of proposals, and a loss for each of the four outputs (eq. 1).
 
-Read the stages in this order: transform.py (resize, normalise), backbones.py, boxes.py
+Read the stages in this order: transform.py (resize, normalise), backbones/, boxes.py
 (anchors, eq. 2), rpn.py, roi_head.py (with ops/ for NMS and RoI pooling), then targets.py and
 losses.py (training), and this file, which composes them.
+
+Feature Pyramid Network (Lin et al. 2017): the same detector on a list of feature maps P2..P6
+(backbones/fpn.py). What changes is at the end of rpn.py (the RPN on every level, one anchor
+size per level, proposals chosen per level) and of roi_head.py (each RoI pooled from the level
+of its size); targets, losses and this file are the same for both.
 
 Notation: N images, K anchors per image (H * W * A), R proposals over the batch, S sampled
 RoIs, C classes with background at 0 (n_class), n_fg_class = C - 1.
@@ -39,8 +44,8 @@ from model.backbones import FEAT_STRIDE, build_backbone
 from model.boxes import loc2bbox
 from model.losses import roi_losses, rpn_losses
 from model.ops import RoIAlign, RoIPool, batched_non_maximum_suppression
-from model.roi_head import RoIHead
-from model.rpn import ProposalCreator, RegionProposalNetwork
+from model.roi_head import PyramidRoIAlign, RoIHead
+from model.rpn import ProposalCreator, PyramidProposalCreator, PyramidRPN, RegionProposalNetwork
 from model.targets import AnchorTargetCreator, ProposalTargetCreator
 from model.transform import ImageTransform, resize_bbox
 
@@ -217,13 +222,18 @@ def build_faster_rcnn(
     so that a checkpoint can store them and rebuild the model without the Config.
     """
     backbone = build_backbone(extractor, weights)
-    proposal_creator = ProposalCreator(rpn_nms_thresh, n_train_pre_nms, n_train_post_nms,
-                                       n_test_pre_nms, n_test_post_nms, rpn_min_size, backend)
-    rpn = RegionProposalNetwork(backbone.channels, backbone.channels, anchor_ratios,
-                                anchor_scales, FEAT_STRIDE, proposal_creator)
+    counts = (rpn_nms_thresh, n_train_pre_nms, n_train_post_nms, n_test_pre_nms,
+              n_test_post_nms, rpn_min_size, backend)
     size = backbone.roi_size
-    pool = (RoIPool(size, size, 1 / FEAT_STRIDE, backend) if backbone.roi_op == 'pool' else
-            RoIAlign(size, 1 / FEAT_STRIDE, sampling_ratio=0, aligned=True, backend=backend))
+    if len(backbone.strides) > 1:  # a feature pyramid: P2..P6 for the RPN, P2..P5 for RoIs
+        rpn = PyramidRPN(backbone.channels, backbone.channels, anchor_ratios, anchor_scales,
+                         backbone.strides, PyramidProposalCreator(*counts))
+        pool = PyramidRoIAlign(size, backbone.strides[:-1], backend=backend)
+    else:
+        rpn = RegionProposalNetwork(backbone.channels, backbone.channels, anchor_ratios,
+                                    anchor_scales, FEAT_STRIDE, ProposalCreator(*counts))
+        pool = (RoIPool(size, size, 1 / FEAT_STRIDE, backend) if backbone.roi_op == 'pool' else
+                RoIAlign(size, 1 / FEAT_STRIDE, sampling_ratio=0, aligned=True, backend=backend))
     head = RoIHead(n_fg_class + 1, pool, backbone.classifier, backbone.features)
     return FasterRCNN(
         backbone.extractor, rpn, head, ImageTransform(min_size, max_size, normalization),

@@ -9,14 +9,17 @@ Notation:
     K  anchors in all, H * W * A      R  proposals (RoIs) over the whole batch
     rpn_locs    (N, K, 4) predicted offsets of each anchor, eq. 2 (the paper's t_i)
     rpn_scores  (N, K, 2) logits, background then foreground (softmax gives the paper's p_i)
+With a feature pyramid (PyramidRPN, at the end), K counts the anchors of every level.
 """
+from itertools import accumulate
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import clip_boxes_to_image
 
 from model.boxes import enumerate_shifted_anchors, generate_anchor_base, loc2bbox
-from model.ops import non_maximum_suppression
+from model.ops import batched_non_maximum_suppression, non_maximum_suppression
 
 
 def normal_init(layer, std):
@@ -42,6 +45,12 @@ class ProposalCreator:
         self.n_train_pre_nms, self.n_train_post_nms = n_train_pre_nms, n_train_post_nms
         self.n_test_pre_nms, self.n_test_post_nms = n_test_pre_nms, n_test_post_nms
 
+    def counts(self, training):
+        """(n_pre_nms, n_post_nms) in training or at test time."""
+        if training:
+            return self.n_train_pre_nms, self.n_train_post_nms
+        return self.n_test_pre_nms, self.n_test_post_nms
+
     def __call__(self, loc, score, anchor, img_size, scale=1.0, training=False):
         """Proposals for one image. Host syncs: the min-size filter and NMS (data-dependent R).
 
@@ -57,8 +66,7 @@ class ProposalCreator:
             roi: (R, 4) anchor's dtype, inside [0, W] x [0, H], highest score first,
                 R <= n_*_post_nms.
         """
-        n_pre_nms, n_post_nms = ((self.n_train_pre_nms, self.n_train_post_nms) if training
-                                 else (self.n_test_pre_nms, self.n_test_post_nms))
+        n_pre_nms, n_post_nms = self.counts(training)
         roi = clip_boxes_to_image(loc2bbox(anchor, loc.detach()), img_size)  # (K, 4)
 
         min_size = self.min_size * scale
@@ -111,19 +119,99 @@ class RegionProposalNetwork(nn.Module):
             roi_indices: (R,) int64 image index of each proposal.
             anchor: (K, 4) anchors in input pixels, shared by the batch.
         """
+        rpn_locs, rpn_scores, anchor = self.score_anchors(features, self.anchor_base,
+                                                          self.feat_stride)
+        rois, roi_indices = self.propose(rpn_locs, rpn_scores, anchor, img_sizes, scales)
+        return rpn_locs, rpn_scores, rois, roi_indices, anchor
+
+    def score_anchors(self, features, anchor_base, feat_stride):
+        """The anchors (K, 4) of a feature map (N, C, H, W) and their rpn_locs (N, K, 4) and
+        rpn_scores (N, K, 2)."""
         n, _, height, width = features.shape
-        anchor = enumerate_shifted_anchors(self.anchor_base, self.feat_stride, height, width)
+        anchor = enumerate_shifted_anchors(anchor_base, feat_stride, height, width)
         hidden = F.relu(self.conv1(features))  # (N, mid_channels, H, W)
         rpn_locs = self.loc(hidden).permute(0, 2, 3, 1).reshape(n, -1, 4)  # (N, K, 4)
         rpn_scores = self.score(hidden).permute(0, 2, 3, 1).reshape(n, -1, 2)  # (N, K, 2)
+        return rpn_locs, rpn_scores, anchor
+
+    def propose(self, rpn_locs, rpn_scores, anchor, img_sizes, scales, **kwargs):
+        """Each image's proposals by the proposal creator (kwargs go to it): rois (R, 4) and
+        roi_indices (R,)."""
         # Proposals are not differentiated through; float32 under mixed precision.
         fg_prob = F.softmax(rpn_scores.detach().float(), dim=2)[..., 1]  # (N, K)
-
         rois, roi_indices = [], []
-        for i in range(n):
+        for i in range(len(rpn_locs)):
             roi = self.proposal_creator(rpn_locs[i].detach().float(), fg_prob[i], anchor,
-                                        img_sizes[i], scale=scales[i], training=self.training)
+                                        img_sizes[i], scale=scales[i], training=self.training,
+                                        **kwargs)
             rois.append(roi)
             roi_indices.append(torch.full((len(roi),), i, dtype=torch.int64,
-                                          device=features.device))
-        return rpn_locs, rpn_scores, torch.cat(rois), torch.cat(roi_indices), anchor
+                                          device=rpn_locs.device))
+        return torch.cat(rois), torch.cat(roi_indices)
+
+
+# With a feature pyramid (Lin et al. 2017, "Feature Pyramid Networks for Object Detection",
+# sec. 4.1), the RPN is the same network slid over every level; what changes is below.
+
+class PyramidProposalCreator(ProposalCreator):
+    """ProposalCreator over the anchors of all levels: the n_pre_nms best of each level (not
+    of all), then clipping, the min-size filter and NMS within each level, and the
+    n_post_nms best over all levels. Empty boxes (clipped to zero width or height) are dropped
+    whatever min_size. These are torchvision's and Detectron's FPN rules.
+    """
+
+    def __call__(self, loc, score, anchor, img_size, scale=1.0, training=False,
+                 n_per_level=()):
+        """As ProposalCreator's, with n_per_level: the anchors of each level, in order."""
+        n_pre_nms, n_post_nms = self.counts(training)
+        picked, level = [], []
+        for i, (level_score, start) in enumerate(zip(score.split(n_per_level),
+                                                     [0, *accumulate(n_per_level)])):
+            top = level_score.topk(min(n_pre_nms, len(level_score))).indices + start
+            picked.append(top)
+            level.append(torch.full_like(top, i))
+        picked, level = torch.cat(picked), torch.cat(level)  # (K',) each
+        roi = clip_boxes_to_image(loc2bbox(anchor[picked], loc[picked].detach()), img_size)
+        width, height = roi[:, 2] - roi[:, 0], roi[:, 3] - roi[:, 1]
+        min_size = self.min_size * scale
+        keep = ((width >= min_size) & (height >= min_size)
+                & (width > 0) & (height > 0)).nonzero()[:, 0]  # host sync
+        roi, score, level = roi[keep], score.detach()[picked[keep]], level[keep]
+        keep = batched_non_maximum_suppression(roi, score, level, self.nms_thresh,
+                                               backend=self.backend)
+        return roi[keep[:n_post_nms]]
+
+
+class PyramidRPN(RegionProposalNetwork):
+    """The RPN on a list of feature maps, one per pyramid level, with the same conv weights
+    on each level (the paper's shared head) and one anchor size per level.
+
+    Args:
+        strides: input pixels per feature-map cell of each level, e.g. (4, 8, 16, 32, 64) for
+            P2..P6; the anchor sides on a level are its stride * scale * sqrt(ratio), so
+            anchor_scales=(8,) gives 32 px on P2 to 512 px on P6, the paper's sizes.
+        proposal_creator: a PyramidProposalCreator.
+        Others as RegionProposalNetwork's.
+    """
+
+    def __init__(self, in_channels=256, mid_channels=256, ratios=(0.5, 1, 2), anchor_scales=(8,),
+                 strides=(4, 8, 16, 32, 64), proposal_creator=None):
+        super().__init__(in_channels, mid_channels, ratios, anchor_scales, strides[0],
+                         proposal_creator or PyramidProposalCreator())
+        self.strides = tuple(strides)
+        # Anchors centred on their cell's corner, sides rounded to whole pixels, as in
+        # torchvision and Detectron: ResNet's strided convs centre cell x on input pixel
+        # x * stride (VGG16's 2x2 pools put it half a stride further: the C4 anchors' offset).
+        bases = [(generate_anchor_base(s, ratios, anchor_scales) - s / 2).round() for s in strides]
+        self.register_buffer('anchor_base', torch.stack(bases), persistent=False)  # (L, A, 4)
+
+    def forward(self, features, img_sizes, scales):
+        """As RegionProposalNetwork's, with features a list of L maps (N, C, H_l, W_l); K counts
+        the anchors of all levels, level by level."""
+        levels = [self.score_anchors(feature, base, stride) for feature, base, stride
+                  in zip(features, self.anchor_base, self.strides, strict=True)]
+        rpn_locs, rpn_scores = (torch.cat(column, dim=1) for column in list(zip(*levels))[:2])
+        anchor = torch.cat([level[2] for level in levels])  # (K, 4)
+        rois, roi_indices = self.propose(rpn_locs, rpn_scores, anchor, img_sizes, scales,
+                                         n_per_level=[len(level[2]) for level in levels])
+        return rpn_locs, rpn_scores, rois, roi_indices, anchor

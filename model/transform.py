@@ -101,4 +101,6 @@ class ImageTransform:
         resized, scales = zip(*(resize_image(img, self.min_size, self.max_size)
                                 for img in images))
         sizes = [tuple(img.shape[1:]) for img in resized]
-        return normalize(pad_images(resized), self.normalization), sizes, list(scales)
+        # Normalise, then pad: padding is 0 after normalisation, as in training (the mean colour).
+        batch = pad_images([normalize(img, self.normalization) for img in resized])
+        return batch, sizes, list(scales)

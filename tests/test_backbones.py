@@ -10,14 +10,20 @@ from utils.config import Config
 
 NEW = ['resnet50', 'resnet101', 'mobilenet_v3']
 TORCHVISION_NAME = {'resnet50': 'resnet50', 'resnet101': 'resnet101',
-                    'mobilenet_v3': 'mobilenet_v3_large'}
+                    'mobilenet_v3': 'mobilenet_v3_large', 'resnet50_fpn': 'resnet50'}
 
 
 @pytest.mark.parametrize('name', BACKBONES)
 def test_shapes_stride_and_classifier(name):
     backbone = build_backbone(name)
     features = backbone.extractor(torch.randn(1, 3, 64, 96))
-    assert features.shape == (1, backbone.channels, 64 // FEAT_STRIDE, 96 // FEAT_STRIDE)
+    if name.endswith('_fpn'):  # P2..P6, padded to 64 x 96 (a multiple of 32) first
+        assert backbone.strides == (4, 8, 16, 32, 64)
+        assert [f.shape for f in features] == [(1, backbone.channels, -(-64 // s), -(-96 // s))
+                                               for s in backbone.strides]
+    else:
+        assert backbone.strides == (FEAT_STRIDE,)
+        assert features.shape == (1, backbone.channels, 64 // FEAT_STRIDE, 96 // FEAT_STRIDE)
     pooled = torch.randn(3, backbone.channels * backbone.roi_size ** 2)
     assert backbone.classifier(pooled).shape == (3, backbone.features)
 
@@ -34,7 +40,7 @@ def test_c4_heads_freeze_batchnorm_and_the_stem(name):
     assert any(p.requires_grad for p in backbone.extractor.parameters())
 
 
-@pytest.mark.parametrize('name', NEW)
+@pytest.mark.parametrize('name', [*NEW, 'resnet50_fpn'])
 def test_torchvision_weights_load_name_by_name(name, tmp_path):
     reference = getattr(torchvision.models, TORCHVISION_NAME[name])(weights=None)
     state = reference.state_dict()
@@ -54,7 +60,7 @@ def test_torchvision_weights_load_name_by_name(name, tmp_path):
 
 
 @pytest.mark.filterwarnings('ignore:Detected call of')
-@pytest.mark.parametrize('name', NEW)
+@pytest.mark.parametrize('name', [*NEW, 'resnet50_fpn', 'small_fpn'])
 def test_a_few_training_steps(name):
     torch.manual_seed(0)
     cfg = Config(extractor=name, min_size=64, max_size=96, anchor_scales=(2, 4),
@@ -63,7 +69,9 @@ def test_a_few_training_steps(name):
                               roi_n_sample=16)
     trainer = FasterRCNNTrainer(model, cfg)
     assert len(trainer.optimizer.param_groups[1]['params']) > 0
-    assert trainer.optimizer.param_groups[1]['lr'] == trainer.optimizer.param_groups[0]['lr']
+    bias_lr = 2 if cfg.double_bias else 1  # small_fpn: the Caffe solver, as small
+    groups = trainer.optimizer.param_groups
+    assert groups[1]['lr'] == bias_lr * groups[0]['lr']
     batch = dict(images=torch.randn(1, 3, 64, 96), sizes=torch.tensor([[64, 96]]),
                  bboxes=[torch.tensor([[10.0, 8, 50, 40]])], labels=[torch.tensor([1])],
                  scales=torch.tensor([1.0]))

@@ -105,3 +105,13 @@ def test_twin_of_a_c4_backbone_pools_as_ours():
         torch.testing.assert_close(
             theirs.roi_heads.box_head(ours.head.pool(features, rois)),
             ours.head.classifier(ours.head.pool(features, rois).flatten(1)))
+
+
+def test_smoke_fpn_against_torchvisions_own(tmp_path):
+    out = tmp_path / 'b.json'
+    main(height=64, width=96, repeat=1, warmup=0, n_class=2, out=str(out), threads=2,
+         extractor='resnet50_fpn')
+    result = json.loads(out.read_text())
+    assert result['settings']['extractor'] == 'resnet50_fpn'
+    assert all(result[step]['ratio'] > 0 for step in ('inference', 'train'))
+    assert 'head.roi_pool' in result['breakdown']['inference']

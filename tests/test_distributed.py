@@ -115,7 +115,8 @@ def losses_and_grads(amp, steps=1):
     model = build_model(cfg, 3)
     dtypes = {}
     model.extractor.register_forward_hook(lambda m, i, out: dtypes.update(features=out.dtype))
-    model.head.pool.register_forward_pre_hook(lambda m, args: dtypes.update(pool=args[0].dtype))
+    model.head.pool.register_forward_pre_hook(lambda m, args: dtypes.update(rois=args[1].dtype))
+    model.head.pool.register_forward_hook(lambda m, i, out: dtypes.update(pool=out.dtype))
     trainer = FasterRCNNTrainer(model, cfg)
     batch = collate_train(two_samples())
     losses = []
@@ -130,9 +131,11 @@ def losses_and_grads(amp, steps=1):
 def test_bfloat16_autocast_on_cpu_stays_close_to_float32():
     full, full_grad, full_dtypes = losses_and_grads(amp=False)
     mixed, mixed_grad, mixed_dtypes = losses_and_grads(amp=True, steps=3)
-    assert full_dtypes == {'features': torch.float32, 'pool': torch.float32}
-    # Convolutions run in bfloat16; RoI pooling (and the proposals) stay in float32.
-    assert mixed_dtypes == {'features': torch.bfloat16, 'pool': torch.float32}
+    assert full_dtypes == {'features': torch.float32, 'rois': torch.float32, 'pool': torch.float32}
+    # Convolutions run in bfloat16; the RoIs (and the proposals) stay in float32, and RoI pooling
+    # computes in float32 and gives back the features' dtype.
+    assert mixed_dtypes == {'features': torch.bfloat16, 'rois': torch.float32,
+                            'pool': torch.bfloat16}
     # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per operation). Sampling
     # keeps every candidate (KEEP_ALL), but the proposals are decoded from bfloat16 RPN outputs,
     # so the RoIs and their regression targets move a little too: up to 2.7% on roi_loc_loss

@@ -215,3 +215,13 @@ def test_toy_dataset_as_coco_json_reaches_ap50_085(tmp_path, monkeypatch):
     found = json.loads((tmp_path / 'det' / 'detections.json').read_text())[0]['detections']
     names = {'circle': 1, 'square': 2, 'triangle': 3}
     assert found and all(d['category_id'] == names[d['label']] for d in found)
+
+
+@pytest.mark.slow
+def test_small_fpn_trains_the_toy_dataset_to_map_09(tmp_path, monkeypatch):
+    """README's CPU-sized feature pyramid on the quick start's data, with its defaults."""
+    monkeypatch.setenv('FRCNN_CACHE', str(tmp_path / 'cache'))
+    train(dataset='toy', extractor='small_fpn', device='cpu', out_dir=str(tmp_path),
+          run_name='fpn', visdom=False)
+    test = records(tmp_path / 'fpn', split='test')[-1]
+    assert test['map'] >= 0.9, test

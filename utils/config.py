@@ -26,15 +26,35 @@ DATASET_DEFAULTS = {
     'voc': dict(extractor='vgg16', min_size=600, max_size=1000, anchor_scales=(8, 16, 32),
                 epochs=14, lr_milestones=(9,), num_workers=2, plot_every=40),
 }
+# The paper's proposal counts, RoI minibatch and detection NMS, for the models without a
+# pyramid; EXTRACTOR_DEFAULTS may replace them.
+PAPER_DEFAULTS = dict(n_train_pre_nms=12000, n_train_post_nms=2000, n_test_pre_nms=6000,
+                      n_test_post_nms=300, rpn_min_size=16, roi_n_sample=128,
+                      eval_nms_thresh=0.3, lr_scaling='none')
 # Solver settings per extractor. VGG16: the paper's Caffe solver. The small extractor has
 # BatchNorm and learns from scratch: a 10x larger lr. ResNet and MobileNet: tf-faster-rcnn's
 # (lr 1e-3 at batch 1, weight decay 1e-4 and 4e-5, biases at the weights' lr).
 CAFFE_SOLVER = dict(lr=1e-3, weight_decay=5e-4, double_bias=True)
+# FPN: torchvision's fasterrcnn_resnet50_fpn (Detectron's and mmdetection's 1x schedule alike):
+# the n_*_pre_nms best proposals of each level, n_*_post_nms per image after NMS, 512 RoIs per
+# image, detections NMS at 0.5, no min proposal size; one anchor size per level, 32 px on P2 to
+# 512 on P6; COCO's 800 / 1333 images; lr 0.02 for 16 images, 0.00125 per image, scaled by the
+# total batch (--lr-scaling=linear).
+FPN_DEFAULTS = dict(n_train_pre_nms=2000, n_train_post_nms=2000, n_test_pre_nms=1000,
+                    n_test_post_nms=1000, rpn_min_size=0, roi_n_sample=512, eval_nms_thresh=0.5,
+                    anchor_scales=(8,), lr=0.00125, lr_scaling='linear', weight_decay=1e-4,
+                    double_bias=False)
 EXTRACTOR_DEFAULTS = {
     'vgg16': CAFFE_SOLVER, 'small': {**CAFFE_SOLVER, 'lr': 0.01},
     'resnet50': dict(lr=1e-3, weight_decay=1e-4, double_bias=False),
     'resnet101': dict(lr=1e-3, weight_decay=1e-4, double_bias=False),
     'mobilenet_v3': dict(lr=1e-3, weight_decay=4e-5, double_bias=False),
+    'resnet50_fpn': {**FPN_DEFAULTS, 'min_size': 800, 'max_size': 1333},
+    'resnet101_fpn': {**FPN_DEFAULTS, 'min_size': 800, 'max_size': 1333},
+    # the toy images' sizes; anchors of 16 px on P2 to 256 on P6; the small model's solver
+    # and the paper's RoI counts (a few objects per image, a CPU's speed)
+    'small_fpn': {**FPN_DEFAULTS, 'anchor_scales': (4,), **CAFFE_SOLVER, 'lr': 0.01,
+                  'lr_scaling': 'none', 'roi_n_sample': 128, 'n_test_post_nms': 300},
 }
 # Held out of the training split for the per-epoch mAP: this fraction of it, at most the cap.
 VAL_FRACTION, VAL_CAP = 0.1, 300
@@ -45,7 +65,8 @@ VAL_FRACTION, VAL_CAP = 0.1, 300
 CHOICES = {
     'dataset': ('voc07', 'voc0712', 'custom', 'toy', 'coco', 'coco2017'),
     'metric': ('voc', 'coco'),
-    'extractor': ('vgg16', 'small', 'resnet50', 'resnet101', 'mobilenet_v3'),
+    'extractor': ('vgg16', 'small', 'resnet50', 'resnet101', 'mobilenet_v3',
+                  'resnet50_fpn', 'resnet101_fpn', 'small_fpn'),
     'pretrained': ('imagenet',),
     'normalization': ('caffe', 'torchvision'),
     'optimizer': ('sgd', 'adam'),
@@ -146,12 +167,14 @@ class Config:
 
     # --- model ---
     extractor: str | None = None       # vgg16 (the paper) | small (a few convs, for the toy set)
+                                       # | resnet50 | resnet101 | mobilenet_v3 (C4) | resnet50_fpn
+                                       # | resnet101_fpn | small_fpn (feature pyramid)
     caffe_pretrain: bool = False       # start from the caffe VGG16 (implies vgg16; see misc/)
     caffe_pretrain_path: str = 'weights/vgg16_caffe.pth'
     pretrained_path: str | None = None  # torchvision's weights file of --extractor (or vgg16)
     pretrained: str | None = None      # imagenet: torchvision's published weights (downloaded)
     normalization: str | None = None   # caffe (BGR, 0..255) with caffe weights, else torchvision
-    anchor_scales: tuple[float, ...] | None = None  # anchor sides = 16 * scale * sqrt(ratio)
+    anchor_scales: tuple[float, ...] | None = None  # sides: stride * scale * sqrt(ratio)
     anchor_ratios: tuple[float, ...] = (0.5, 1, 2)
     backend: str = 'auto'              # NMS / RoI pooling: auto | cupy | torchvision
 
@@ -161,12 +184,13 @@ class Config:
     rpn_neg_iou_thresh: float = 0.3
     rpn_pos_ratio: float = 0.5
     rpn_nms_thresh: float = 0.7
-    n_train_pre_nms: int = 12000
-    n_train_post_nms: int = 2000
-    n_test_pre_nms: int = 6000
-    n_test_post_nms: int = 300
-    rpn_min_size: int = 16             # proposals under 16 px (at input scale) are dropped
-    roi_n_sample: int = 128
+    # None: the paper's values (PAPER_DEFAULTS) or the extractor's (FPN_DEFAULTS)
+    n_train_pre_nms: int | None = None  # with a pyramid: per level
+    n_train_post_nms: int | None = None
+    n_test_pre_nms: int | None = None
+    n_test_post_nms: int | None = None
+    rpn_min_size: int | None = None    # proposals under this many px at input scale are dropped
+    roi_n_sample: int | None = None
     roi_pos_ratio: float = 0.25
     roi_pos_iou_thresh: float = 0.5
     roi_neg_iou_thresh_hi: float = 0.5
@@ -177,7 +201,7 @@ class Config:
     # --- optimisation ---
     optimizer: str = 'sgd'
     lr: float | None = None            # paper: 1e-3 for batch 1 (VGG16)
-    lr_scaling: str = 'none'           # linear: lr x total batch size (Goyal et al. 2017)
+    lr_scaling: str | None = None      # linear: lr x total batch size (Goyal et al. 2017)
     momentum: float = 0.9
     weight_decay: float | None = None  # not on biases; per extractor (EXTRACTOR_DEFAULTS)
     double_bias: bool | None = None    # biases at 2x lr, as in the Caffe solver (VGG16)
@@ -191,7 +215,7 @@ class Config:
     metric: str | None = None          # voc: VOC07 11-point mAP (the paper's); coco: COCO AP
                                        # (pycocotools); default coco on COCO data, else voc
     eval_score_thresh: float = 0.05    # keep detections scoring above this
-    eval_nms_thresh: float = 0.3       # class-wise NMS of the detections
+    eval_nms_thresh: float | None = None  # class-wise NMS of the detections (paper: 0.3)
 
     # --- run ---
     device: str = 'auto'
@@ -221,13 +245,14 @@ class Config:
         if self.caffe_pretrain and self.extractor not in (None, 'vgg16'):
             raise ValueError(f'--caffe-pretrain holds VGG16 weights, but --extractor='
                              f'{self.extractor}; drop one of the two')
-        if given and self.extractor == 'small':
-            raise ValueError(f'{given[0]} gives pre-trained weights, but --extractor=small has '
-                             'none; drop one of the two')
+        if given and self.extractor in ('small', 'small_fpn'):
+            raise ValueError(f'{given[0]} gives pre-trained weights, but --extractor='
+                             f'{self.extractor} has none; drop one of the two')
         if given and self.extractor is None:
             self.extractor = 'vgg16'  # the paper's backbone
         defaults = DATASET_DEFAULTS['toy' if self.dataset == 'toy' else 'voc']
-        defaults = {**defaults, **EXTRACTOR_DEFAULTS.get(self.extractor or defaults['extractor'])}
+        defaults = {**PAPER_DEFAULTS, **defaults,
+                    **EXTRACTOR_DEFAULTS.get(self.extractor or defaults['extractor'], {})}
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)

@@ -5,11 +5,13 @@ one is a new file and a line in BUILDERS.
 """
 from functools import partial
 
-from model.backbones import mobilenet, resnet, small, vgg16
+from model.backbones import fpn, mobilenet, resnet, small, vgg16
 from model.backbones.base import FEAT_STRIDE, Backbone
 
 BUILDERS = {'vgg16': vgg16.build, 'small': small.build, 'resnet50': partial(resnet.build, 50),
-            'resnet101': partial(resnet.build, 101), 'mobilenet_v3': mobilenet.build}
+            'resnet101': partial(resnet.build, 101), 'mobilenet_v3': mobilenet.build,
+            'resnet50_fpn': partial(fpn.build_resnet, 50),
+            'resnet101_fpn': partial(fpn.build_resnet, 101), 'small_fpn': fpn.build_small}
 BACKBONES = tuple(BUILDERS)
 
 __all__ = ['BACKBONES', 'FEAT_STRIDE', 'Backbone', 'build_backbone']

@@ -5,11 +5,12 @@ import torch
 import torchvision
 from torch import nn
 
-FEAT_STRIDE = 16  # every backbone's features are 1/16 of the input, as VGG16's conv5_3
+FEAT_STRIDE = 16  # a C4 backbone's features are 1/16 of the input, as VGG16's conv5_3
 
 
 class Backbone(NamedTuple):
-    """extractor: (N, 3, H, W) -> (N, channels, H / 16, W / 16), the features RPN and head share.
+    """extractor: (N, 3, H, W) -> (N, channels, H / 16, W / 16), the features RPN and head share;
+    a feature pyramid's gives a list of maps instead, one per stride in strides.
     classifier: (R, channels * roi_size**2) pooled RoIs, flattened -> (R, features).
     roi_op: 'pool' (RoI max pooling, Fast R-CNN) or 'align' (RoIAlign, Mask R-CNN sec. 3)."""
     extractor: nn.Module
@@ -18,6 +19,7 @@ class Backbone(NamedTuple):
     features: int
     roi_op: str = 'pool'
     roi_size: int = 7
+    strides: tuple = (FEAT_STRIDE,)
 
 
 def freeze(*modules):
