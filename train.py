@@ -72,7 +72,15 @@ def build_model(cfg, n_fg_class, load_weights=True):
         hint = ' (make it with misc/convert_caffe_pretrain.py)' if cfg.caffe_pretrain else ''
         raise ValueError(f'no {cfg.extractor} weights at {weights}{hint}')
     weights = (weights or cfg.pretrained) if load_weights else None
-    return build_faster_rcnn(n_fg_class, weights=weights, **model_options(cfg))
+    return compiled(build_faster_rcnn(n_fg_class, weights=weights, **model_options(cfg)), cfg)
+
+
+def compiled(model, cfg):
+    """The model, its extractor compiled with torch.compile if --compile (in place: the
+    state dict keeps its keys). The RPN and head have data-dependent shapes; they stay eager."""
+    if cfg.compile:
+        model.extractor.compile()
+    return model
 
 
 def bbox_dataset(cfg, split, class_names=None, check_images=False):
@@ -126,23 +134,35 @@ def run_data(cfg, class_names=None):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size=1, n_images=None, metric='voc'):
+def evaluate(model, dataset, batch_size=1, n_images=None, metric='voc', num_workers=0,
+             report=False):
     """Predicts on an evaluation dataset and scores it: metric 'voc', both VOC metrics
-    (devkit-exact; 'map' is VOC07's), or 'coco', COCO AP through pycocotools ('map' is AP)."""
+    (devkit-exact; 'map' is VOC07's), or 'coco', COCO AP through pycocotools ('map' is AP).
+
+    num_workers processes read the images while the model predicts; report: print the images
+    per second of the whole pass (reading, predicting), at the end."""
     if n_images is not None:
         dataset = Subset(dataset, range(min(n_images, len(dataset))))
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_test)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_test,
+                        num_workers=num_workers)
     preds, gts = ([], [], []), ([], [], [])
+    start = time.perf_counter()
     for batch in tqdm(loader, desc='evaluate', leave=False, disable=None):
         for out, values in zip(preds, model.predict(batch['images'])):
             out.extend(v.cpu() for v in values)
         for out, key in zip(gts, ('bboxes', 'labels', 'difficults')):
             out.extend(batch[key])
+    if report:
+        print(images_per_second(len(dataset), time.perf_counter() - start))
     if metric == 'coco':
         return eval_detection_coco(*preds, *gts, n_class=model.n_class - 1)
     voc07, area = (eval_detection_voc(*preds, *gts, use_07_metric=use_07, pixel_inclusive=True,
                                       n_class=model.n_class - 1) for use_07 in (True, False))
     return {'map': voc07['map'], 'ap': voc07['ap'], 'map_area': area['map'], 'ap_area': area['ap']}
+
+
+def images_per_second(n_images, seconds):
+    return f'{n_images} images in {seconds:.1f} s: {n_images / seconds:.2f} images/s'
 
 
 class RunLog:
@@ -326,7 +346,7 @@ def end_epoch(trainer, epoch, val_set, best_map, run_dir, log, checkpoint):
     val_map = None
     if val_set is not None:
         val_map = evaluate(trainer.faster_rcnn, val_set, trainer.cfg.batch_size,
-                           metric=trainer.cfg.metric)['map']
+                           metric=trainer.cfg.metric, num_workers=trainer.cfg.num_workers)['map']
         log.write(step=trainer.step, epoch=epoch, split='val', map=val_map)
         trainer.vis.plot('val_map', val_map, epoch + 1)
         print(f'epoch {epoch + 1}: validation mAP {val_map:.4f}')
@@ -343,7 +363,8 @@ def test_best(model, run_dir, test_set, class_names, cfg, log, step):
     """Loads best.pt into the model and prints its per-class AP on the test split."""
     best = load_checkpoint(run_dir / 'best.pt', next(model.parameters()).device)
     model.load_state_dict(best['model'])
-    result = evaluate(model, test_set, cfg.batch_size, cfg.test_n_images, cfg.metric)
+    result = evaluate(model, test_set, cfg.batch_size, cfg.test_n_images, cfg.metric,
+                      cfg.num_workers, report=True)
     print(f'test set, best checkpoint (epoch {best["epoch"] + 1}):')
     print_result(result, class_names, cfg.metric)
     log.write(step=step, epoch=best['epoch'], split='test', **{
@@ -370,7 +391,7 @@ def load_model(load_path, device='cpu', **overrides):
                                 'pretrained_path': None, 'pretrained': None, 'resume': None},
                              need_data=False)
     model, class_names = load_detector(state, pick_device(device), **model_options(cfg))
-    return model, cfg, class_names, state.get('category_ids')
+    return compiled(model, cfg), cfg, class_names, state.get('category_ids')
 
 
 def eval(load_path, **kwargs):  # noqa: A001 (the CLI verb)
@@ -380,7 +401,7 @@ def eval(load_path, **kwargs):  # noqa: A001 (the CLI verb)
     cfg.check_data_dir()
     test = bbox_dataset(cfg, 'test', class_names)
     result = evaluate(model, Subset(test, usable(cfg, test)), cfg.batch_size,
-                      cfg.test_n_images, cfg.metric)
+                      cfg.test_n_images, cfg.metric, cfg.num_workers, report=True)
     if cfg.metric == 'coco':
         return print_result(result, class_names, 'coco')
     print('VOC07 11-point metric:')
@@ -400,40 +421,75 @@ def unique_name(name, taken):
     return unique
 
 
-def detect(load_path, *images, out_dir='detections', preset='visualize', device='auto'):
+class ImageFiles(torch.utils.data.Dataset):
+    """detect's input: (path, image or None, error message or None) per file, read and checked
+    in DataLoader workers."""
+
+    def __init__(self, paths, limits):
+        self.paths, self.limits = paths, limits
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        try:
+            image = read_image(path)
+            problem = size_problem(image.shape[1:], *self.limits)
+            if problem is not None:
+                raise DataError(f'{path}: the image {problem}')
+        except DataError as e:
+            return path, None, str(e)
+        return path, image, None
+
+
+def detect(load_path, *images, out_dir='detections', preset='visualize', device='auto',
+           batch_size=1, num_workers=2):
     """Draws detected boxes on each image, at the image's own size, into out_dir/<name>.png
     and writes every detection to out_dir/detections.json.
 
+    batch_size images are predicted together (more keeps a GPU busier; padding the smaller
+    ones of a batch moves their scores slightly), num_workers processes read them meanwhile.
     An image that cannot be read or used is reported, recorded with its error, and skipped;
     the others are processed, and the command then fails naming how many were skipped.
     """
     if not images:
         raise ValueError('detect needs at least one image path')
+    for name, value, least in (('--batch-size', batch_size, 1),
+                               ('--num-workers', num_workers, 0)):
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f'{name}={value!r} must be a whole number >= {least}')
     model, cfg, class_names, category_ids = load_model(load_path, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, taken = [], set()
-    for path in tqdm(images, desc='detect', disable=None):
-        try:
-            image = read_image(path)
-            problem = size_problem(image.shape[1:], *size_limits(cfg))
-            if problem is not None:
-                raise DataError(f'{path}: the image {problem}')
-        except DataError as e:
-            print(f'skipping {e}', file=sys.stderr)
-            records.append({'image': str(path), 'error': str(e)})
-            continue
-        bboxes, labels, scores = (x[0].cpu() for x in model.predict([image], preset=preset))
-        name = f'{unique_name(Path(path).stem, taken)}.png'
-        drawn = bbox_image(image, bboxes, labels, scores, class_names)  # (3, H, W) uint8
-        Image.fromarray(drawn.transpose(1, 2, 0)).save(out / name)
-        records.append({'image': str(path), 'output': name, 'detections': [
-            {'bbox': b.tolist(), 'label': class_names[lab], 'score': float(s)}
-            | ({'category_id': category_ids[lab]} if category_ids else {})  # COCO data
-            for b, lab, s in zip(bboxes, labels, scores)]})
+    loader = DataLoader(ImageFiles(images, size_limits(cfg)), batch_size=batch_size,
+                        num_workers=min(num_workers, len(images)), collate_fn=list)
+    start = time.perf_counter()
+    with tqdm(total=len(images), desc='detect', disable=None) as bar:
+        for batch in loader:
+            good = [i for i, (_, _, error) in enumerate(batch) if error is None]
+            found = dict(zip(good, zip(*model.predict([batch[i][1] for i in good],
+                                                      preset=preset)))) if good else {}
+            for i, (path, image, error) in enumerate(batch):
+                if error is not None:
+                    print(f'skipping {error}', file=sys.stderr)
+                    records.append({'image': str(path), 'error': error})
+                    continue
+                bboxes, labels, scores = (x.cpu() for x in found[i])
+                name = f'{unique_name(Path(path).stem, taken)}.png'
+                drawn = bbox_image(image, bboxes, labels, scores, class_names)  # (3, H, W)
+                Image.fromarray(drawn.transpose(1, 2, 0)).save(out / name)
+                records.append({'image': str(path), 'output': name, 'detections': [
+                    {'bbox': b.tolist(), 'label': class_names[lab], 'score': float(s)}
+                    | ({'category_id': category_ids[lab]} if category_ids else {})  # COCO
+                    for b, lab, s in zip(bboxes, labels, scores)]})
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start
     write_atomic(out / 'detections.json', json.dumps(records, indent=2))
     failed = sum('error' in r for r in records)
-    print(f'{len(images) - failed} images with their boxes and detections.json written to {out}')
+    print(f'{len(images) - failed} images with their boxes and detections.json written to {out}'
+          f' ({images_per_second(len(images) - failed, seconds)})')
     if failed:
         raise DataError(f'{failed} of {len(images)} images could not be used (see above and '
                         f'{out / "detections.json"})')

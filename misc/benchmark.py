@@ -28,6 +28,7 @@ import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import fire
@@ -292,21 +293,72 @@ def breakdown(step, model, repeat, sync):
     return {name: statistics.median(runs[name]) for name in STAGES if name in runs}
 
 
+def pair_ratio(timings, a, b):
+    """The median over runs of a's time / b's time in the same round."""
+    return statistics.median(x / y for x, y in zip(timings[a]['runs'], timings[b]['runs']))
+
+
 def side_by_side(timings):
-    """race's result as flat {ours,torchvision}_{ms,min_ms,max_ms,peak_mb,runs_ms} and the
-    median of the per-pair ratios."""
-    ratios = [a / b for a, b in zip(timings['ours']['runs'], timings['torchvision']['runs'])]
-    out = {'ratio': statistics.median(ratios)}
-    for name in ('ours', 'torchvision'):
-        t = timings[name]
+    """race's result as flat {name}_{ms,min_ms,max_ms,peak_mb,runs_ms} per variant, and the
+    ratios: 'ratio' ours / torchvision as its users run it; 'ratio_same_tricks' ours /
+    torchvision with our layout (and fused optimizer, in training); 'layout_gain' and
+    'optimizer_gain' what each trick alone does to torchvision's time."""
+    tricks = ('torchvision_channels_last_fused' if 'torchvision_channels_last_fused' in timings
+              else 'torchvision_channels_last')
+    out = {'ratio': pair_ratio(timings, 'ours', 'torchvision'),
+           'ratio_same_tricks': pair_ratio(timings, 'ours', tricks),
+           'layout_gain': pair_ratio(timings, 'torchvision_channels_last', 'torchvision')}
+    if tricks != 'torchvision_channels_last':
+        out['optimizer_gain'] = pair_ratio(timings, tricks, 'torchvision_channels_last')
+    for name, t in timings.items():
         out.update({f'{name}_ms': t['median'], f'{name}_min_ms': t['min'],
                     f'{name}_max_ms': t['max'], f'{name}_peak_mb': t['peak_mb'],
                     f'{name}_runs_ms': t['runs']})
     return out
 
 
+def loader_speed(workers=(0, 1, 2), n_images=60, min_size=600, max_size=1000):
+    """Training samples per second the DataLoader gives from a VOC-format folder of 500x375
+    JPEGs (the toy generator's scenes, enlarged), with 0, 1 and 2 worker processes."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from data import toy
+    from data.dataset import TrainDataset, build_bbox_dataset, collate_train
+    speeds = {}
+    with tempfile.TemporaryDirectory() as root:
+        root, rng = Path(root), np.random.default_rng(0)
+        for folder in ('Annotations', 'JPEGImages', 'ImageSets/Main'):
+            (root / folder).mkdir(parents=True)
+        (root / 'ImageSets/Main/trainval.txt').write_text(
+            ''.join(f'{k:06d}\n' for k in range(n_images)))
+        for k in range(n_images):
+            image, objects = toy._sample(rng)
+            (h, w), (new_h, new_w) = image.shape[:2], (375, 500)
+            Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR).save(
+                root / 'JPEGImages' / f'{k:06d}.jpg', quality=90)
+            objects = [(label, [max(1, round(v * (new_w / w if i % 2 == 0 else new_h / h)))
+                                for i, v in enumerate(box)], difficult)
+                       for label, box, difficult in objects]
+            (root / 'Annotations' / f'{k:06d}.xml').write_text(
+                toy._xml(f'{k:06d}', new_h, new_w, objects))
+        bbox_dataset = build_bbox_dataset('custom', str(root), 'trainval',
+                                          class_names=toy.CLASS_NAMES)
+        dataset = TrainDataset(bbox_dataset, min_size, max_size, 'torchvision')
+        for n_workers in workers:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=n_workers,
+                                                 collate_fn=collate_train)
+            start = time.perf_counter()  # worker start-up counts: an epoch pays it too
+            n = sum(len(batch['images']) for batch in loader)
+            speeds[n_workers] = n / (time.perf_counter() - start)
+    return speeds
+
+
 def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, device='cpu',
-                  amp=False, n_class=20, seed=0, threads=None, extractor='vgg16'):
+                  amp=False, n_class=20, seed=0, threads=None, extractor='vgg16',
+                  loader_images=60):
     """Times both models and breaks ours down; returns the result as a JSON-ready dict."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -337,17 +389,26 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     sizes, scales = [(height, width)] * batch_size, [1.0] * batch_size
     targets = [{'boxes': b, 'labels': lab + 1} for b, lab in zip(bboxes, labels)]  # 0 = bg
     generator = torch.Generator(device=device).manual_seed(seed)
-    ours_optimizer, theirs_optimizer = (make_optimizer(m, **SGD) for m in (ours, theirs))
+    # torchvision as its users run it: NCHW, torch.optim.SGD with its defaults (one for-loop
+    # over the parameters on CPU); and with our layout, then also our fused optimizer.
+    theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
+    trainable = [p for p in theirs.parameters() if p.requires_grad]
+    theirs_optimizer = torch.optim.SGD(trainable, lr=SGD['lr'], momentum=SGD['momentum'],
+                                       weight_decay=SGD['weight_decay'])
+    theirs_cl_optimizer = torch.optim.SGD([p for p in theirs_cl.parameters() if p.requires_grad],
+                                          lr=SGD['lr'], momentum=SGD['momentum'],
+                                          weight_decay=SGD['weight_decay'])
+    ours_optimizer, theirs_fused_optimizer = (make_optimizer(m, **SGD) for m in (ours, theirs_cl))
 
     def ours_inference(clock=None):
         with autocast():
             ours.predict(image_list)
 
     @torch.no_grad()
-    def theirs_inference():
-        theirs.eval()
+    def theirs_inference(model=theirs):
+        model.eval()
         with autocast():
-            theirs(unit_images)
+            model(unit_images)
 
     def ours_train(clock=None):
         clock = clock or StageClock(lambda: None)
@@ -361,20 +422,29 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
         with clock.stage('optimizer_step'):
             ours_optimizer.step()
 
-    def theirs_train():
-        theirs.train()
-        theirs_optimizer.zero_grad(set_to_none=True)
+    def theirs_train(model=theirs, optimizer=theirs_optimizer):
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
         with autocast():
-            total = sum(theirs(unit_images, targets).values())
+            total = sum(model(unit_images, targets).values())
         total.backward()
-        theirs_optimizer.step()
+        optimizer.step()
 
     # Inference first: training steps change the weights.
-    inference = race({'ours': ours_inference, 'torchvision': theirs_inference},
+    inference = race({'ours': ours_inference, 'torchvision': theirs_inference,
+                      'torchvision_channels_last': partial(theirs_inference, theirs_cl)},
                      repeat, warmup, device, sync)
     inference_stages = breakdown(ours_inference, ours, repeat, sync)
-    train = race({'ours': ours_train, 'torchvision': theirs_train}, repeat, warmup, device, sync)
+    train = race({'ours': ours_train, 'torchvision': theirs_train,
+                  'torchvision_channels_last': partial(theirs_train, theirs_cl,
+                                                       theirs_cl_optimizer),
+                  'torchvision_channels_last_fused': partial(theirs_train, theirs_cl,
+                                                             theirs_fused_optimizer)},
+                 repeat, warmup, device, sync)
     train_stages = breakdown(ours_train, ours, repeat, sync)
+    for timings in (inference, train):
+        for t in timings.values():  # images per second of each variant
+            t['images_per_s'] = 1e3 * batch_size / t['median']
 
     stages = inference_stages
     convs_and_fc = stages['backbone'] + stages['head'] - stages['head.roi_pool']
@@ -387,6 +457,9 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
             # the goal: everything but the backbone convolutions and the head's fc layers
             'inference_outside_backbone_and_fc': 1 - convs_and_fc / stages['total'],
         },
+        'images_per_s': {step: {name: t['images_per_s'] for name, t in timings.items()}
+                         for step, timings in (('inference', inference), ('train', train))},
+        'loader_images_per_s': loader_speed(n_images=loader_images) if loader_images else None,
         'memory': ('CUDA: max_memory_allocated growth' if device.type == 'cuda' else
                    'CPU: peak RSS growth, sampled every 5 ms (psutil), largest over the runs'),
         'settings': dict(height=height, width=width, batch_size=batch_size, repeat=repeat,
@@ -401,23 +474,32 @@ def _mb(value):
 
 
 def markdown(result):
-    """The result as two markdown tables: ours vs torchvision, and our stages."""
+    """The result as markdown tables: ours vs torchvision, our stages, the loader."""
     s = result['settings']
     lines = [f"{s.get('extractor', 'vgg16')}, "
              f"{s['batch_size']} x {s['height']}x{s['width']} on {result['device']}, "
              f"amp={s['amp']}, {s['threads']} threads, median [min-max] of {s['repeat']} runs",
              '',
-             '| step | ours ms | torchvision ms | ours / torchvision | ours peak MiB '
-             '| torchvision peak MiB |',
-             '|---|---|---|---|---|---|']
+             '| step | ours ms | torchvision ms (as its users run it) | ours / torchvision '
+             '| torchvision ms (our layout, fused SGD) | ours / that | ours img/s '
+             '| ours peak MiB | torchvision peak MiB |',
+             '|---|---|---|---|---|---|---|---|---|']
     for key, label in (('inference', 'inference'), ('train', 'train step')):
         r = result[key]
+        tricks = ('torchvision_channels_last_fused' if key == 'train' else
+                  'torchvision_channels_last')
         lines.append(
             f"| {label} | {r['ours_ms']:.0f} [{r['ours_min_ms']:.0f}-{r['ours_max_ms']:.0f}] "
             f"| {r['torchvision_ms']:.0f} [{r['torchvision_min_ms']:.0f}-"
-            f"{r['torchvision_max_ms']:.0f}] | {r['ratio']:.2f} | {_mb(r['ours_peak_mb'])} "
-            f"| {_mb(r['torchvision_peak_mb'])} |")
-    lines += ['', f"Peak memory: {result['memory']}.", '',
+            f"{r['torchvision_max_ms']:.0f}] | {r['ratio']:.2f} | {r[tricks + '_ms']:.0f} "
+            f"| {r['ratio_same_tricks']:.2f} | {result['images_per_s'][key]['ours']:.2f} "
+            f"| {_mb(r['ours_peak_mb'])} | {_mb(r['torchvision_peak_mb'])} |")
+    train = result['train']
+    lines += ['', "torchvision's time with channels-last alone: "
+              f"x{result['inference']['layout_gain']:.2f} (inference), "
+              f"x{train['layout_gain']:.2f} (train step); the fused optimizer then: "
+              f"x{train['optimizer_gain']:.2f}.",
+              '', f"Peak memory: {result['memory']}.", '',
               '| our stage (median ms) | inference | train step |', '|---|---|---|']
     inference, train = result['breakdown']['inference'], result['breakdown']['train']
     for name in (name for name in STAGES if name in inference or name in train):
@@ -426,16 +508,21 @@ def markdown(result):
     share = result['breakdown']['inference_outside_backbone_and_fc']
     lines += ['', f'Inference time outside the backbone convolutions and the head fc layers: '
               f'{share:.1%}']
+    if result.get('loader_images_per_s'):
+        lines += ['', '| DataLoader workers | 0 | 1 | 2 |', '|---|---|---|---|',
+                  '| training samples/s (500x375 JPEG -> 600x800) | ' + ' | '.join(
+                      f'{v:.1f}' for v in result['loader_images_per_s'].values()) + ' |']
     return '\n'.join(lines)
 
 
 def main(height=600, width=800, batch_size=1, repeat=5, warmup=1, device='cpu', amp=False,
-         n_class=20, out=None, seed=0, threads=None, extractor='vgg16'):
-    """Prints the markdown tables; ``out``: also write the result as JSON to this file."""
+         n_class=20, out=None, seed=0, threads=None, extractor='vgg16', loader_images=60):
+    """Prints the markdown tables; ``out``: also write the result as JSON to this file.
+    loader_images: VOC-sized images for the DataLoader's samples/s, 0 to skip it."""
     if repeat < 1 or warmup < 0:
         raise ValueError(f'repeat must be >= 1 and warmup >= 0, got {repeat} and {warmup}')
     result = run_benchmark(height, width, batch_size, repeat, warmup, device, amp, n_class,
-                           seed, threads, extractor)
+                           seed, threads, extractor, loader_images)
     print(markdown(result))
     if out is not None:
         Path(out).write_text(json.dumps(result, indent=2))

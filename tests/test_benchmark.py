@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from misc.benchmark import STAGES, StageClock, main, synthetic_batch, torchvision_twin
@@ -10,12 +11,20 @@ from model.transform import normalize
 def test_smoke_tiny_images(tmp_path, capsys):
     # 64x96: a 4x6 feature map, seconds per run; the no-proposal path is tested below.
     out = tmp_path / 'b.json'
-    main(height=64, width=96, repeat=1, warmup=0, n_class=2, out=str(out), threads=2)
+    main(height=64, width=96, repeat=1, warmup=0, n_class=2, out=str(out), threads=2,
+         loader_images=3)
     result = json.loads(out.read_text())
     assert result['device'] == 'cpu'
     for step in ('inference', 'train'):
-        for key in ('ours_ms', 'torchvision_ms', 'ratio'):
+        for key in ('ours_ms', 'torchvision_ms', 'torchvision_channels_last_ms', 'ratio',
+                    'ratio_same_tricks', 'layout_gain'):
             assert isinstance(result[step][key], float) and result[step][key] > 0
+        r = result[step]
+        assert r['ratio'] == r['ours_ms'] / r['torchvision_ms']  # one run: its ratio
+        assert result['images_per_s'][step]['ours'] == pytest.approx(1e3 / r['ours_ms'])
+    assert result['train']['optimizer_gain'] > 0
+    assert set(result['loader_images_per_s']) == {'0', '1', '2'}  # JSON keys: workers
+    assert all(v > 0 for v in result['loader_images_per_s'].values())
     inference, train = result['breakdown']['inference'], result['breakdown']['train']
     assert {'preprocess', 'backbone', 'rpn', 'rpn.proposals', 'head', 'head.roi_pool',
             'postprocess', 'total'} <= set(inference)
@@ -28,6 +37,7 @@ def test_smoke_tiny_images(tmp_path, capsys):
     assert result['settings']['height'] == 64 and result['settings']['repeat'] == 1
     printed = capsys.readouterr().out
     assert '| inference |' in printed and '| train step |' in printed
+    assert '| training samples/s (500x375 JPEG -> 600x800) |' in printed
 
 
 def test_torchvision_twin_matches_our_weights_and_sizes():
@@ -110,7 +120,7 @@ def test_twin_of_a_c4_backbone_pools_as_ours():
 def test_smoke_fpn_against_torchvisions_own(tmp_path):
     out = tmp_path / 'b.json'
     main(height=64, width=96, repeat=1, warmup=0, n_class=2, out=str(out), threads=2,
-         extractor='resnet50_fpn')
+         extractor='resnet50_fpn', loader_images=0)
     result = json.loads(out.read_text())
     assert result['settings']['extractor'] == 'resnet50_fpn'
     assert all(result[step]['ratio'] > 0 for step in ('inference', 'train'))

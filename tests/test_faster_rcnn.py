@@ -136,11 +136,11 @@ PINNED = {
 }
 
 
-@pytest.mark.parametrize('extractor', ['small', 'vgg16'])
-def test_numbers_pinned_before_the_refactor(extractor):
+def pinned_run(extractor, memory_format):
+    """The pinned test's losses, sum of squared gradients and per-image detection sums."""
     pinned = PINNED[extractor]
     torch.manual_seed(1)
-    model = build_faster_rcnn(3, extractor, **pinned['kwargs'])
+    model = build_faster_rcnn(3, extractor, **pinned['kwargs'], memory_format=memory_format)
     torch.manual_seed(0)
     size = pinned['size']
     images = torch.randn(2, 3, *size)
@@ -148,13 +148,36 @@ def test_numbers_pinned_before_the_refactor(extractor):
     losses = model(images, [size, (size[0] - 32, size[1] - 32)], [1.0, 1.0], bboxes, labels,
                    torch.Generator().manual_seed(7))
     losses['total_loss'].backward()
-    for name, value in losses.items():
-        assert float(value) == pytest.approx(pinned[name], rel=1e-5, abs=1e-7), name
     grad_sq = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()
                   if p.grad is not None)
-    assert grad_sq == pytest.approx(pinned['grad_sq'], rel=1e-5)
     torch.manual_seed(3)
     images = [torch.rand(3, 200, 300) * 255, torch.rand(3, 150, 100) * 255]
-    for pred, expected in zip(zip(*model.predict(images, score_thresh=0.0)), pinned['pred']):
-        sums = [float(x.double().sum()) for x in pred]
+    pred = [[float(x.double().sum()) for x in image_pred]
+            for image_pred in zip(*model.predict(images, score_thresh=0.0))]
+    return {name: float(value) for name, value in losses.items()}, grad_sq, pred
+
+
+@pytest.mark.parametrize('extractor', ['small', 'vgg16'])
+def test_numbers_pinned_before_the_refactor(extractor):
+    """In the NCHW layout the pins were taken in; channels-last is checked against it below."""
+    pinned = PINNED[extractor]
+    losses, grad_sq, pred = pinned_run(extractor, torch.contiguous_format)
+    for name, value in losses.items():
+        assert value == pytest.approx(pinned[name], rel=1e-5, abs=1e-7), name
+    assert grad_sq == pytest.approx(pinned['grad_sq'], rel=1e-5)
+    for sums, expected in zip(pred, pinned['pred']):
         assert sums == pytest.approx(expected, rel=1e-5), extractor
+
+
+@pytest.mark.parametrize('extractor', ['small', 'vgg16'])
+def test_channels_last_computes_what_nchw_computes(extractor):
+    """The default layout changes only the convolutions' rounding. VGG16 agrees to 1e-5; in
+    the small model (BatchNorm on batch statistics) it moves one sampled RoI's loss terms:
+    roi_cls_loss by 1.2e-4, the squared gradient norm by 0.4%."""
+    nchw = pinned_run(extractor, torch.contiguous_format)
+    channels_last = pinned_run(extractor, torch.channels_last)
+    rel = 1e-5 if extractor == 'vgg16' else 1e-3
+    assert channels_last[0] == pytest.approx(nchw[0], rel=rel)
+    assert channels_last[1] == pytest.approx(nchw[1], rel=100 * rel)
+    for sums, expected in zip(channels_last[2], nchw[2]):
+        assert sums == pytest.approx(expected, rel=1e-5)

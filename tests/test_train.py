@@ -1,5 +1,6 @@
 """End-to-end: the CLI verbs, exact resume, atomic checkpoints, non-finite losses, visdom."""
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -131,6 +132,27 @@ def test_detect_writes_images_and_json(trained_run, toy_root, tmp_path):
         assert r['output'] == f'{path.stem}.png'
         with Image.open(tmp_path / 'det' / r['output']) as drawn, Image.open(path) as original:
             assert drawn.size == original.size  # the image at its own size, no plot around it
+
+
+def test_detect_in_batches_with_workers_finds_what_one_by_one_finds(trained_run, toy_root,
+                                                                    tmp_path, capsys):
+    images = list(map(str, sorted((toy_root / 'JPEGImages').glob('*.jpg'))[:5]))
+    found = {}
+    for batch_size, workers in ((1, 0), (2, 2)):
+        out = tmp_path / f'det{batch_size}'
+        detect(str(trained_run / 'best.pt'), *images, out_dir=str(out), preset='evaluate',
+               batch_size=batch_size, num_workers=workers)
+        assert re.search(r'\(5 images in [\d.]+ s: [\d.]+ images/s\)', capsys.readouterr().out)
+        found[batch_size] = json.loads((out / 'detections.json').read_text())
+    assert [r['image'] for r in found[2]] == images  # in the order given
+    for one, batched in zip(found[1], found[2]):
+        # the smaller image of a pair is padded: scores move a little, boxes barely
+        confident = [(d['label'], d['bbox']) for d in one['detections'] if d['score'] > 0.5]
+        for label, bbox in confident:
+            assert any(d['label'] == label and max(abs(a - b) for a, b in zip(d['bbox'], bbox))
+                       < 2 for d in batched['detections'])
+    with pytest.raises(ValueError, match='--batch-size=0 must be a whole number >= 1'):
+        detect(str(trained_run / 'best.pt'), images[0], batch_size=0)
 
 
 def test_load_model_refuses_unknown_option(trained_run):

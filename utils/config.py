@@ -210,6 +210,7 @@ class Config:
     epochs: int | None = None
     batch_size: int = 1                # images per step and process; the paper uses 1
     amp: bool = False                  # mixed precision: bf16 on CPU, fp16 + GradScaler on CUDA
+    compile: bool = False              # torch.compile the extractor (see README for when it pays)
 
     # --- evaluation (predict's 'evaluate' preset) ---
     metric: str | None = None          # voc: VOC07 11-point mAP (the paper's); coco: COCO AP
