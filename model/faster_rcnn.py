@@ -72,7 +72,8 @@ class FasterRCNN(nn.Module):
             features (the RPN and RoI code index them the same in any layout).
             channels_last (N, H, W, C in memory) is what oneDNN on CPUs and cuDNN's tensor
             cores run fastest: VGG16's convs at 600x800 take 1.56 s instead of 1.92 s on a
-            2-core AVX-512 CPU, 0.78 s instead of 1.02 s in bfloat16.
+            2-core AVX-512 CPU, 0.78 s instead of 1.02 s in bfloat16. build_faster_rcnn takes
+            the backbone's choice (NCHW for the small toy backbones).
     """
 
     def __init__(self, extractor, rpn, head, transform=None, anchor_target_creator=None,
@@ -221,14 +222,14 @@ def build_faster_rcnn(
         rpn_pos_iou_thresh=0.7, rpn_neg_iou_thresh=0.3, rpn_pos_ratio=0.5, roi_n_sample=128,
         roi_pos_ratio=0.25, roi_pos_iou_thresh=0.5, roi_neg_iou_thresh_hi=0.5,
         roi_neg_iou_thresh_lo=0.0, rpn_sigma=3.0, roi_sigma=1.0, eval_score_thresh=0.05,
-        eval_nms_thresh=0.3, memory_format=torch.channels_last):
+        eval_nms_thresh=0.3, memory_format=None):
     """The whole detector for ``n_fg_class`` foreground classes, with the paper's defaults.
 
     extractor: a backbone name (backbones.BACKBONES); weights: its pre-trained weights, a file
     or 'imagenet' (see backbones/base.py), None for random ones.
-    Every keyword but memory_format (see FasterRCNN) is the Config field of the same name
-    (utils/config.py says what each does), so that a checkpoint can store them and rebuild the
-    model without the Config.
+    Every keyword but memory_format (see FasterRCNN; None: the backbone's) is the Config field
+    of the same name (utils/config.py says what each does), so that a checkpoint can store them
+    and rebuild the model without the Config.
     """
     backbone = build_backbone(extractor, weights)
     counts = (rpn_nms_thresh, n_train_pre_nms, n_train_post_nms, n_test_pre_nms,
@@ -249,4 +250,5 @@ def build_faster_rcnn(
         AnchorTargetCreator(rpn_n_sample, rpn_pos_iou_thresh, rpn_neg_iou_thresh, rpn_pos_ratio),
         ProposalTargetCreator(roi_n_sample, roi_pos_ratio, roi_pos_iou_thresh,
                               roi_neg_iou_thresh_hi, roi_neg_iou_thresh_lo),
-        rpn_sigma, roi_sigma, eval_score_thresh, eval_nms_thresh, backend, memory_format)
+        rpn_sigma, roi_sigma, eval_score_thresh, eval_nms_thresh, backend,
+        memory_format or backbone.memory_format)

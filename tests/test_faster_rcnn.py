@@ -171,7 +171,7 @@ def test_numbers_pinned_before_the_refactor(extractor):
 
 @pytest.mark.parametrize('extractor', ['small', 'vgg16'])
 def test_channels_last_computes_what_nchw_computes(extractor):
-    """The default layout changes only the convolutions' rounding. VGG16 agrees to 1e-5; in
+    """Channels-last changes only the convolutions' rounding. VGG16 agrees to 1e-5; in
     the small model (BatchNorm on batch statistics) it moves one sampled RoI's loss terms:
     roi_cls_loss by 1.2e-4, the squared gradient norm by 0.4%."""
     nchw = pinned_run(extractor, torch.contiguous_format)

@@ -9,6 +9,7 @@ The builders give torchvision's fasterrcnn_resnet50_fpn layout (whose weights
 misc/convert_torchvision_fpn.py maps onto ours): ResNet stem and conv2 fixed, BatchNorm frozen
 as in resnet.py, Kaiming-uniform (a=1) lateral and output convs with zero bias.
 """
+import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
@@ -83,4 +84,4 @@ def build_small(weights=None):
               conv_stage(64, 128, 2), conv_stage(128, 256, 3), conv_stage(256, 256, 2)]
     extractor = FeaturePyramid(stages, (64, 128, 256, 256), channels=64)
     return Backbone(extractor, two_fc(64 * 7 * 7, 256), 64, 256, roi_op='align',
-                    strides=STRIDES)
+                    strides=STRIDES, memory_format=torch.contiguous_format)  # as small's
