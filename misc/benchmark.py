@@ -396,12 +396,10 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     # torchvision as its users run it: NCHW, torch.optim.SGD with its defaults (one for-loop
     # over the parameters on CPU); and with our layout, then also our fused optimizer.
     theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
-    trainable = [p for p in theirs.parameters() if p.requires_grad]
-    theirs_optimizer = torch.optim.SGD(trainable, lr=SGD['lr'], momentum=SGD['momentum'],
-                                       weight_decay=SGD['weight_decay'])
-    theirs_cl_optimizer = torch.optim.SGD([p for p in theirs_cl.parameters() if p.requires_grad],
-                                          lr=SGD['lr'], momentum=SGD['momentum'],
-                                          weight_decay=SGD['weight_decay'])
+    theirs_optimizer, theirs_cl_optimizer = (
+        torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=SGD['lr'],
+                        momentum=SGD['momentum'], weight_decay=SGD['weight_decay'])
+        for m in (theirs, theirs_cl))
     ours_optimizer, theirs_fused_optimizer = (make_optimizer(m, **SGD) for m in (ours, theirs_cl))
 
     def ours_inference(clock=None):

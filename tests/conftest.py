@@ -1,6 +1,7 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,3 +40,15 @@ def trained_run(toy_root, tmp_path_factory):
     out = tmp_path_factory.mktemp('trained')
     train(**tiny_run_options(toy_root, out))
     return out / 'run'
+
+
+def score_lists(metric, preds, gts, **kwargs):
+    """metric (eval_detection_voc or eval_detection_coco) on per-image lists of
+    (box, label, score) predictions and (box, label, difficult) ground truth."""
+    def columns(items, third_dtype):
+        return (np.array([box for box, _, _ in items], np.float32).reshape(-1, 4),
+                np.array([label for _, label, _ in items], np.int64),
+                np.array([third for _, _, third in items], third_dtype))
+    pred = [columns(items, np.float32) for items in preds]
+    gt = [columns(items, bool) for items in gts]
+    return metric(*zip(*pred, strict=True), *zip(*gt, strict=True), **kwargs)

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import score_lists
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -16,14 +17,7 @@ MEDIUM, CROWD = (0, 0, 40, 40), (60, 0, 100, 40)  # area 1600 each
 
 
 def _eval(preds, gts, **kwargs):
-    """preds / gts: per image, lists of (box, label, score) / (box, label, difficult)."""
-    def columns(items, third_dtype):
-        return (np.array([box for box, _, _ in items], np.float32).reshape(-1, 4),
-                np.array([label for _, label, _ in items], np.int64),
-                np.array([third for _, _, third in items], third_dtype))
-    pred = [columns(items, np.float32) for items in preds]
-    gt = [columns(items, bool) for items in gts]
-    return eval_detection_coco(*zip(*pred, strict=True), *zip(*gt, strict=True), **kwargs)
+    return score_lists(eval_detection_coco, preds, gts, **kwargs)
 
 
 def test_perfect_detections_torch_inputs():

@@ -4,19 +4,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import score_lists
 
 from utils.eval_tool import eval_detection_voc, format_ap_table
 
 
 def _eval(preds, gts, **kwargs):
-    """preds / gts: per image, lists of (box, label, score) / (box, label, difficult)."""
-    def columns(items, third_dtype):
-        return (np.array([box for box, _, _ in items], np.float32).reshape(-1, 4),
-                np.array([label for _, label, _ in items], np.int64),
-                np.array([third for _, _, third in items], third_dtype))
-    pred = [columns(items, np.float32) for items in preds]
-    gt = [columns(items, bool) for items in gts]
-    return eval_detection_voc(*zip(*pred, strict=True), *zip(*gt, strict=True), **kwargs)
+    return score_lists(eval_detection_voc, preds, gts, **kwargs)
 
 
 def _both_metrics(preds, gts, **kwargs):
