@@ -48,13 +48,15 @@ from model.backbones import FEAT_STRIDE  # noqa: E402
 from model.faster_rcnn import MAX_PER_IMAGE, build_faster_rcnn  # noqa: E402
 from model.ops import RoIAlign  # noqa: E402
 from model.transform import normalize  # noqa: E402
-from train import model_options  # noqa: E402
+from train import keep_freed_memory, model_options  # noqa: E402
 from trainer import make_optimizer  # noqa: E402
 from utils.config import Config  # noqa: E402
 
 # Our stages in pipeline order; a dotted name is part of the stage before the dot.
 STAGES = ('preprocess', 'backbone', 'rpn', 'rpn.proposals', 'anchor_targets', 'proposal_targets',
           'head', 'head.roi_pool', 'postprocess', 'forward', 'backward', 'optimizer_step', 'total')
+# The variants race runs with train.py's allocator setting (train.keep_freed_memory).
+KEPT_MEMORY = ('ours', 'torchvision_our_settings')
 # The paper's solver (trainer.make_optimizer's groups): lr, momentum, weight decay.
 SGD = dict(name='sgd', lr=1e-3, momentum=0.9, weight_decay=5e-4)
 
@@ -195,6 +197,22 @@ def release_freed_memory():
         pass
 
 
+def use_allocator(keep):
+    """glibc's malloc as train.py sets it (keep: freed memory kept for reuse) or as a plain
+    Python process has it once its dynamic thresholds have settled (blocks over 32 MB mapped
+    fresh, free memory over 64 MB at the heap's top returned)."""
+    if keep:
+        keep_freed_memory()
+        return
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    libc.malloc_trim(0)
+
+
 @contextmanager
 def peak_memory(device):
     """Yields a dict whose 'mb' is, after the block, the block's peak memory growth in MiB.
@@ -241,26 +259,33 @@ def summary(values):
 
 
 def race(steps, repeat, warmup, device, sync):
-    """Runs the steps (name -> callable) in turn, warm-up rounds first.
+    """Runs the steps (name -> callable) in turn, warm-up rounds first, then one more run of
+    each for its peak memory alone (the memory sampler would disturb the timed runs). Steps
+    named in KEPT_MEMORY run with train.py's allocator setting, the others with glibc's own.
 
     Returns per step its summary of milliseconds, its per-run times and its peak memory in MiB
-    (the largest over the runs, None where it cannot be measured).
+    (None where it cannot be measured).
     """
     for _ in range(warmup):
-        for step in steps.values():
+        for name, step in steps.items():
+            use_allocator(name in KEPT_MEMORY)
             step()
-    times, memory = defaultdict(list), defaultdict(list)
+    times, memory = defaultdict(list), {}
     for _ in range(repeat):
         for name, step in steps.items():
-            with peak_memory(device) as mem:
-                sync()
-                start = time.perf_counter()
-                step()
-                sync()
-                times[name].append((time.perf_counter() - start) * 1e3)
-            memory[name].append(mem['mb'])
-    return {name: {**summary(times[name]), 'runs': times[name],
-                   'peak_mb': None if None in memory[name] else max(memory[name])}
+            use_allocator(name in KEPT_MEMORY)
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    for name, step in steps.items():
+        use_allocator(name in KEPT_MEMORY)
+        with peak_memory(device) as mem:
+            step()
+        memory[name] = mem['mb']
+    use_allocator(True)
+    return {name: {**summary(times[name]), 'runs': times[name], 'peak_mb': memory[name]}
             for name in steps}
 
 
@@ -301,15 +326,17 @@ def pair_ratio(timings, a, b):
 def side_by_side(timings):
     """race's result as flat {name}_{ms,min_ms,max_ms,peak_mb,runs_ms} per variant, and the
     ratios: 'ratio' ours / torchvision as its users run it; 'ratio_same_tricks' ours /
-    torchvision with our layout (and fused optimizer, in training); 'layout_gain' and
-    'optimizer_gain' what each trick alone does to torchvision's time."""
-    tricks = ('torchvision_channels_last_fused' if 'torchvision_channels_last_fused' in timings
-              else 'torchvision_channels_last')
+    torchvision with all our settings; what each setting alone does to torchvision's time:
+    'layout_gain' (channels-last), 'optimizer_gain' (fused SGD, in training) and
+    'allocator_gain' (freed memory kept)."""
+    previous = ('torchvision_channels_last_fused' if 'torchvision_channels_last_fused' in timings
+                else 'torchvision_channels_last')
     out = {'ratio': pair_ratio(timings, 'ours', 'torchvision'),
-           'ratio_same_tricks': pair_ratio(timings, 'ours', tricks),
-           'layout_gain': pair_ratio(timings, 'torchvision_channels_last', 'torchvision')}
-    if tricks != 'torchvision_channels_last':
-        out['optimizer_gain'] = pair_ratio(timings, tricks, 'torchvision_channels_last')
+           'ratio_same_tricks': pair_ratio(timings, 'ours', 'torchvision_our_settings'),
+           'layout_gain': pair_ratio(timings, 'torchvision_channels_last', 'torchvision'),
+           'allocator_gain': pair_ratio(timings, 'torchvision_our_settings', previous)}
+    if previous != 'torchvision_channels_last':
+        out['optimizer_gain'] = pair_ratio(timings, previous, 'torchvision_channels_last')
     for name, t in timings.items():
         out.update({f'{name}_ms': t['median'], f'{name}_min_ms': t['min'],
                     f'{name}_max_ms': t['max'], f'{name}_peak_mb': t['peak_mb'],
@@ -368,8 +395,9 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
     amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp else nullcontext()
+    def autocast(cache_enabled=True):
+        return (torch.autocast(device.type, dtype=amp_dtype, cache_enabled=cache_enabled) if amp
+                else nullcontext())
 
     torch.manual_seed(seed)
     cfg = Config(dataset='voc07', extractor=extractor, min_size=min(height, width),
@@ -407,9 +435,9 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
             ours.predict(image_list)
 
     @torch.no_grad()
-    def theirs_inference(model=theirs):
+    def theirs_inference(model=theirs, cache_casts=False):
         model.eval()
-        with autocast():
+        with autocast(cache_casts):
             model(unit_images)
 
     def ours_train(clock=None):
@@ -432,16 +460,24 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
         total.backward()
         optimizer.step()
 
-    # Inference first: training steps change the weights.
-    inference = race({'ours': ours_inference, 'torchvision': theirs_inference,
-                      'torchvision_channels_last': partial(theirs_inference, theirs_cl)},
-                     repeat, warmup, device, sync)
-    inference_stages = breakdown(ours_inference, ours, repeat, sync)
+    # Inference first: training steps change the weights. Under --amp, one autocast context
+    # around all of it, as train.evaluate and detect hold one around their loops: our weights
+    # (and torchvision's with our settings) are cast to bf16 once; torchvision as its users
+    # run it casts them in every call, as a context per call does.
+    with autocast():
+        inference = race({'ours': ours_inference, 'torchvision': theirs_inference,
+                          'torchvision_channels_last': partial(theirs_inference, theirs_cl),
+                          'torchvision_our_settings': partial(theirs_inference, theirs_cl,
+                                                              cache_casts=True)},
+                         repeat, warmup, device, sync)
+        inference_stages = breakdown(ours_inference, ours, repeat, sync)
     train = race({'ours': ours_train, 'torchvision': theirs_train,
                   'torchvision_channels_last': partial(theirs_train, theirs_cl,
                                                        theirs_cl_optimizer),
                   'torchvision_channels_last_fused': partial(theirs_train, theirs_cl,
-                                                             theirs_fused_optimizer)},
+                                                             theirs_fused_optimizer),
+                  'torchvision_our_settings': partial(theirs_train, theirs_cl,
+                                                      theirs_fused_optimizer)},
                  repeat, warmup, device, sync)
     train_stages = breakdown(ours_train, ours, repeat, sync)
     for timings in (inference, train):
@@ -483,24 +519,26 @@ def markdown(result):
              f"amp={s['amp']}, {s['threads']} threads, median [min-max] of {s['repeat']} runs",
              '',
              '| step | ours ms | torchvision ms (as its users run it) | ours / torchvision '
-             '| torchvision ms (our layout, fused SGD) | ours / that | ours img/s '
+             '| torchvision ms (our settings) | ours / that | ours img/s '
              '| ours peak MiB | torchvision peak MiB |',
              '|---|---|---|---|---|---|---|---|---|']
     for key, label in (('inference', 'inference'), ('train', 'train step')):
         r = result[key]
-        tricks = ('torchvision_channels_last_fused' if key == 'train' else
-                  'torchvision_channels_last')
         lines.append(
             f"| {label} | {r['ours_ms']:.0f} [{r['ours_min_ms']:.0f}-{r['ours_max_ms']:.0f}] "
             f"| {r['torchvision_ms']:.0f} [{r['torchvision_min_ms']:.0f}-"
-            f"{r['torchvision_max_ms']:.0f}] | {r['ratio']:.2f} | {r[tricks + '_ms']:.0f} "
+            f"{r['torchvision_max_ms']:.0f}] | {r['ratio']:.2f} "
+            f"| {r['torchvision_our_settings_ms']:.0f} "
             f"| {r['ratio_same_tricks']:.2f} | {result['images_per_s'][key]['ours']:.2f} "
             f"| {_mb(r['ours_peak_mb'])} | {_mb(r['torchvision_peak_mb'])} |")
-    train = result['train']
-    lines += ['', "torchvision's time with channels-last alone: "
-              f"x{result['inference']['layout_gain']:.2f} (inference), "
-              f"x{train['layout_gain']:.2f} (train step); the fused optimizer then: "
-              f"x{train['optimizer_gain']:.2f}.",
+    inference, train = result['inference'], result['train']
+    lines += ['', "Our settings, one at a time, as factors on torchvision's time: channels-last "
+              f"x{inference['layout_gain']:.2f} (inference), x{train['layout_gain']:.2f} (train "
+              f"step); the fused optimizer x{train['optimizer_gain']:.2f} (train step); freed "
+              f"memory kept x{inference['allocator_gain']:.2f} (inference), "
+              f"x{train['allocator_gain']:.2f} (train step)"
+              + (', with bf16 weights cast once for all inference runs.' if
+                 result['settings']['amp'] else '.'),
               '', f"Peak memory: {result['memory']}.", '',
               '| our stage (median ms) | inference | train step |', '|---|---|---|']
     inference, train = result['breakdown']['inference'], result['breakdown']['train']

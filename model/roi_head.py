@@ -47,9 +47,9 @@ class RoIHead(nn.Module):
         """features (N, C_feat, H, W); rois (R, 4) in input pixels; roi_indices (R,) image of
         each RoI. Returns roi_cls_locs (R, C * 4) and roi_scores (R, C)."""
         indices_and_rois = torch.cat([roi_indices[:, None].to(rois.dtype), rois], dim=1)  # (R, 5)
-        # Pool in float32 even under mixed precision (the ops compute in float32 whatever the
-        # features' dtype): bf16 RoI coordinates near 1000 px are off by 4.
-        pooled = self.pool(features, indices_and_rois.float()).float()  # (R, C_feat, S, S)
+        # RoI coordinates in float32 even under mixed precision (bf16 ones near 1000 px are
+        # off by 4); the pooled features come back in the features' dtype.
+        pooled = self.pool(features, indices_and_rois.float())  # (R, C_feat, S, S)
         hidden = self.classifier(pooled.flatten(1))  # (R, D)
         return self.cls_loc(hidden), self.score(hidden)
 

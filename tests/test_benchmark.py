@@ -16,13 +16,17 @@ def test_smoke_tiny_images(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result['device'] == 'cpu'
     for step in ('inference', 'train'):
-        for key in ('ours_ms', 'torchvision_ms', 'torchvision_channels_last_ms', 'ratio',
-                    'ratio_same_tricks', 'layout_gain'):
+        for key in ('ours_ms', 'torchvision_ms', 'torchvision_channels_last_ms',
+                    'torchvision_our_settings_ms', 'ratio', 'ratio_same_tricks', 'layout_gain',
+                    'allocator_gain'):
             assert isinstance(result[step][key], float) and result[step][key] > 0
         r = result[step]
         assert r['ratio'] == r['ours_ms'] / r['torchvision_ms']  # one run: its ratio
         assert result['images_per_s'][step]['ours'] == pytest.approx(1e3 / r['ours_ms'])
     assert result['train']['optimizer_gain'] > 0
+    r = result['train']
+    assert r['allocator_gain'] == r['torchvision_our_settings_ms'] / r[
+        'torchvision_channels_last_fused_ms']
     assert set(result['loader_images_per_s']) == {'0', '1', '2'}  # JSON keys: workers
     assert all(v > 0 for v in result['loader_images_per_s'].values())
     inference, train = result['breakdown']['inference'], result['breakdown']['train']

@@ -247,3 +247,39 @@ def test_small_fpn_trains_the_toy_dataset_to_map_09(tmp_path, monkeypatch):
           run_name='fpn', visdom=False)
     test = records(tmp_path / 'fpn', split='test')[-1]
     assert test['map'] >= 0.9, test
+
+
+def test_evaluate_with_amp_casts_each_weight_once_for_all_images(trained_run):
+    """--amp predicts in bfloat16 on the CPU, inside one autocast context around the whole
+    evaluation: each fc weight is cast once, not once per image."""
+    from torch.profiler import profile, record_function
+
+    from train import bbox_dataset, evaluate
+    model, cfg, class_names, _ = load_model(trained_run / 'best.pt', 'cpu')
+    test = torch.utils.data.Subset(bbox_dataset(cfg, 'test', class_names), range(3))
+    weight = tuple(model.head.score.weight.shape)  # (C, D): cast only when the weight is
+    casts = {}
+    for amp in (False, True):
+        with profile(record_shapes=True) as prof, record_function('evaluate'):
+            result = evaluate(model, test, amp=amp)
+        casts[amp] = sum(event.count for event in prof.key_averages(group_by_input_shape=True)
+                         if event.key == 'aten::_to_copy' and event.input_shapes
+                         and tuple(event.input_shapes[0]) == weight)
+        assert 0 <= result['map'] <= 1
+    assert casts == {False: 0, True: 1}
+
+
+def test_keep_freed_memory_stops_page_faults_on_reused_blocks():
+    """glibc by default maps blocks over 32 MB fresh: every 64 MB tensor page-faults anew.
+    After keep_freed_memory the third 64 MB tensor reuses the freed pages of the others."""
+    code = '\n'.join([
+        'import resource, sys, torch', 'from train import keep_freed_memory',
+        "if sys.argv[1] == 'keep':", '    keep_freed_memory()',
+        'for _ in range(3):', '    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt',
+        '    torch.ones(64 << 18)',  # 64 MB
+        'print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)'])
+    faults = {mode: int(subprocess.run([sys.executable, '-c', code, mode], check=True,
+                                       capture_output=True, text=True,
+                                       cwd=Path(__file__).parents[1]).stdout)
+              for mode in ('default', 'keep')}
+    assert faults['keep'] * 10 < faults['default']
