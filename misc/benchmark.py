@@ -262,6 +262,8 @@ def race(steps, repeat, warmup, device, sync):
     """Runs the steps (name -> callable) in turn, warm-up rounds first, then one more run of
     each for its peak memory alone (the memory sampler would disturb the timed runs). Steps
     named in KEPT_MEMORY run with train.py's allocator setting, the others with glibc's own.
+    The allocator's state is the process's: each timed run follows an untimed run of the same
+    step, so that it finds the memory as a loop of that step leaves it.
 
     Returns per step its summary of milliseconds, its per-run times and its peak memory in MiB
     (None where it cannot be measured).
@@ -274,6 +276,7 @@ def race(steps, repeat, warmup, device, sync):
     for _ in range(repeat):
         for name, step in steps.items():
             use_allocator(name in KEPT_MEMORY)
+            step()
             sync()
             start = time.perf_counter()
             step()

@@ -155,6 +155,22 @@ def test_detect_in_batches_with_workers_finds_what_one_by_one_finds(trained_run,
         detect(str(trained_run / 'best.pt'), images[0], batch_size=0)
 
 
+def test_detect_with_amp_finds_what_float32_finds(trained_run, toy_root, tmp_path):
+    images = list(map(str, sorted((toy_root / 'JPEGImages').glob('*.jpg'))[:3]))
+    found = {}
+    for amp in (False, True):
+        detect(str(trained_run / 'best.pt'), *images, out_dir=str(tmp_path / str(amp)),
+               preset='evaluate', num_workers=0, amp=amp)
+        found[amp] = json.loads((tmp_path / str(amp) / 'detections.json').read_text())
+    scores = {amp: [d['score'] for r in found[amp] for d in r['detections']] for amp in found}
+    assert scores[True] != scores[False]  # bfloat16 arithmetic did run
+    for fp32, bf16 in zip(found[False], found[True]):
+        for d in (d for d in fp32['detections'] if d['score'] > 0.5):
+            assert any(e['label'] == d['label'] and abs(e['score'] - d['score']) < 0.1
+                       and max(abs(a - b) for a, b in zip(e['bbox'], d['bbox'])) < 4
+                       for e in bf16['detections'])
+
+
 def test_load_model_refuses_unknown_option(trained_run):
     with pytest.raises(ValueError, match='unknown option --min-sise'):
         load_model(trained_run / 'best.pt', min_sise=3)
