@@ -47,6 +47,13 @@ from misc.convert_torchvision_fpn import torchvision_to_ours  # noqa: E402
 from model.backbones import FEAT_STRIDE  # noqa: E402
 from model.faster_rcnn import MAX_PER_IMAGE, build_faster_rcnn  # noqa: E402
 from model.ops import RoIAlign  # noqa: E402
+from model.ops.conv import (  # noqa: E402
+    WinogradConv2d,
+    cpu_capability,
+    fastest_layout,
+    use_winograd,
+    winograd_available,
+)
 from model.transform import normalize  # noqa: E402
 from train import keep_freed_memory, model_options  # noqa: E402
 from trainer import make_optimizer  # noqa: E402
@@ -83,13 +90,41 @@ class RoIPoolOneLevel(nn.Module):
         return torchvision.ops.roi_pool(x, boxes, self.output_size, self.spatial_scale)
 
 
+def direct_convs(module):
+    """Our WinogradConv2d layers in module made plain nn.Conv2d again, in place: torch's direct
+    convolutions, as torchvision's users run them."""
+    for layer in module.modules():
+        if type(layer) is WinogradConv2d:
+            layer.__class__ = nn.Conv2d
+    return module
+
+
+def with_our_convs(model, memory_format, device):
+    """model (torchvision's) running its convolutions as ours do on device: in our layout (its
+    conv weights in channels-last make its convolutions run so) and as Winograd where ours are.
+    memory_format: our model's, None for the device's fastest."""
+    if (memory_format or fastest_layout(device)) == torch.channels_last:
+        return model.to(memory_format=torch.channels_last)
+    return use_winograd(model)
+
+
+def convolutions(ours, device):
+    """How our model runs its convolutions on device, in words."""
+    layout = ours.memory_format or fastest_layout(device)
+    if layout == torch.channels_last:
+        return 'channels-last'
+    winograd = winograd_available() and device.type == 'cpu' and any(
+        type(m) is WinogradConv2d for m in ours.modules())
+    return 'NCHW, 3x3 as Winograd' if winograd else 'NCHW'
+
+
 def torchvision_twin(ours, height, width):
     """torchvision's FasterRCNN with our design and a copy of our weights (see module doc).
 
     ours: our FasterRCNN; its target creators give the sampling settings.
     """
     anchor_targets, roi_targets = ours.anchor_target_creator, ours.proposal_target_creator
-    backbone = copy.deepcopy(ours.extractor)  # frozen layers stay frozen (requires_grad copied)
+    backbone = direct_convs(copy.deepcopy(ours.extractor))  # frozen layers stay frozen
     backbone.out_channels = ours.rpn.conv1.out_channels
     rpn_head = RPNHead(backbone.out_channels, ours.rpn.anchor_base.shape[0])
     rpn_head.conv[0][0].load_state_dict(ours.rpn.conv1.state_dict())
@@ -116,7 +151,8 @@ def torchvision_twin(ours, height, width):
         rpn_bg_iou_thresh=anchor_targets.neg_iou_thresh,
         rpn_batch_size_per_image=anchor_targets.n_sample,
         rpn_positive_fraction=anchor_targets.pos_ratio,
-        box_head=nn.Sequential(nn.Flatten(), copy.deepcopy(ours.head.classifier)),
+        box_head=nn.Sequential(nn.Flatten(),
+                               direct_convs(copy.deepcopy(ours.head.classifier))),
         box_predictor=predictor, box_score_thresh=evaluate['score_thresh'],
         box_nms_thresh=evaluate['nms_thresh'], box_detections_per_img=MAX_PER_IMAGE,
         box_fg_iou_thresh=roi_targets.pos_iou_thresh,
@@ -330,16 +366,17 @@ def side_by_side(timings):
     """race's result as flat {name}_{ms,min_ms,max_ms,peak_mb,runs_ms} per variant, and the
     ratios: 'ratio' ours / torchvision as its users run it; 'ratio_same_tricks' ours /
     torchvision with all our settings; what each setting alone does to torchvision's time:
-    'layout_gain' (channels-last), 'optimizer_gain' (fused SGD, in training) and
+    'layout_gain' (our convolutions: the device's layout, Winograd where ours runs it),
+    'optimizer_gain' (fused SGD, in training) and
     'allocator_gain' (freed memory kept)."""
-    previous = ('torchvision_channels_last_fused' if 'torchvision_channels_last_fused' in timings
-                else 'torchvision_channels_last')
+    previous = ('torchvision_our_convs_fused' if 'torchvision_our_convs_fused' in timings
+                else 'torchvision_our_convs')
     out = {'ratio': pair_ratio(timings, 'ours', 'torchvision'),
            'ratio_same_tricks': pair_ratio(timings, 'ours', 'torchvision_our_settings'),
-           'layout_gain': pair_ratio(timings, 'torchvision_channels_last', 'torchvision'),
+           'layout_gain': pair_ratio(timings, 'torchvision_our_convs', 'torchvision'),
            'allocator_gain': pair_ratio(timings, 'torchvision_our_settings', previous)}
-    if previous != 'torchvision_channels_last':
-        out['optimizer_gain'] = pair_ratio(timings, previous, 'torchvision_channels_last')
+    if previous != 'torchvision_our_convs':
+        out['optimizer_gain'] = pair_ratio(timings, previous, 'torchvision_our_convs')
     for name, t in timings.items():
         out.update({f'{name}_ms': t['median'], f'{name}_min_ms': t['min'],
                     f'{name}_max_ms': t['max'], f'{name}_peak_mb': t['peak_mb'],
@@ -413,8 +450,7 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     else:
         theirs = torchvision_twin(ours, height, width).to(device)
     ours = ours.to(device)
-    # As its users run it: NCHW (the twin copied our channels-last weights' layout).
-    theirs = theirs.to(memory_format=torch.contiguous_format)
+    # As its users run it: NCHW, torch's direct convolutions (the twin copied our modules).
     images, bboxes, labels = synthetic_batch(batch_size, height, width, n_class, seed)
     images, bboxes, labels = (images.to(device), [b.to(device) for b in bboxes],
                               [lab.to(device) for lab in labels])
@@ -425,13 +461,14 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     targets = [{'boxes': b, 'labels': lab + 1} for b, lab in zip(bboxes, labels)]  # 0 = bg
     generator = torch.Generator(device=device).manual_seed(seed)
     # torchvision as its users run it: NCHW, torch.optim.SGD with its defaults (one for-loop
-    # over the parameters on CPU); and with our layout, then also our fused optimizer.
-    theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
-    theirs_optimizer, theirs_cl_optimizer = (
+    # over the parameters on CPU); and with our convolutions, then also our fused optimizer.
+    theirs_tuned = with_our_convs(copy.deepcopy(theirs), ours.memory_format, device)
+    theirs_optimizer, theirs_tuned_optimizer = (
         torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=SGD['lr'],
                         momentum=SGD['momentum'], weight_decay=SGD['weight_decay'])
-        for m in (theirs, theirs_cl))
-    ours_optimizer, theirs_fused_optimizer = (make_optimizer(m, **SGD) for m in (ours, theirs_cl))
+        for m in (theirs, theirs_tuned))
+    ours_optimizer, theirs_fused_optimizer = (make_optimizer(m, **SGD)
+                                              for m in (ours, theirs_tuned))
 
     def ours_inference(clock=None):
         with autocast():
@@ -469,17 +506,17 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     # run it casts them in every call, as a context per call does.
     with autocast():
         inference = race({'ours': ours_inference, 'torchvision': theirs_inference,
-                          'torchvision_channels_last': partial(theirs_inference, theirs_cl),
-                          'torchvision_our_settings': partial(theirs_inference, theirs_cl,
+                          'torchvision_our_convs': partial(theirs_inference, theirs_tuned),
+                          'torchvision_our_settings': partial(theirs_inference, theirs_tuned,
                                                               cache_casts=True)},
                          repeat, warmup, device, sync)
         inference_stages = breakdown(ours_inference, ours, repeat, sync)
     train = race({'ours': ours_train, 'torchvision': theirs_train,
-                  'torchvision_channels_last': partial(theirs_train, theirs_cl,
-                                                       theirs_cl_optimizer),
-                  'torchvision_channels_last_fused': partial(theirs_train, theirs_cl,
-                                                             theirs_fused_optimizer),
-                  'torchvision_our_settings': partial(theirs_train, theirs_cl,
+                  'torchvision_our_convs': partial(theirs_train, theirs_tuned,
+                                                   theirs_tuned_optimizer),
+                  'torchvision_our_convs_fused': partial(theirs_train, theirs_tuned,
+                                                         theirs_fused_optimizer),
+                  'torchvision_our_settings': partial(theirs_train, theirs_tuned,
                                                       theirs_fused_optimizer)},
                  repeat, warmup, device, sync)
     train_stages = breakdown(ours_train, ours, repeat, sync)
@@ -491,6 +528,8 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     convs_and_fc = stages['backbone'] + stages['head'] - stages['head.roi_pool']
     return {
         'device': str(device),
+        'cpu_capability': cpu_capability() if device.type == 'cpu' else None,
+        'convolutions': convolutions(ours, device),
         'inference': side_by_side(inference),
         'train': side_by_side(train),
         'breakdown': {
@@ -535,8 +574,9 @@ def markdown(result):
             f"| {r['ratio_same_tricks']:.2f} | {result['images_per_s'][key]['ours']:.2f} "
             f"| {_mb(r['ours_peak_mb'])} | {_mb(r['torchvision_peak_mb'])} |")
     inference, train = result['inference'], result['train']
-    lines += ['', "Our settings, one at a time, as factors on torchvision's time: channels-last "
-              f"x{inference['layout_gain']:.2f} (inference), x{train['layout_gain']:.2f} (train "
+    lines += ['', "Our settings, one at a time, as factors on torchvision's time: our "
+              f"convolutions ({result['convolutions']}) x{inference['layout_gain']:.2f} "
+              f"(inference), x{train['layout_gain']:.2f} (train "
               f"step); the fused optimizer x{train['optimizer_gain']:.2f} (train step); freed "
               f"memory kept x{inference['allocator_gain']:.2f} (inference), "
               f"x{train['allocator_gain']:.2f} (train step)"

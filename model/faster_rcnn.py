@@ -44,6 +44,7 @@ from model.backbones import FEAT_STRIDE, build_backbone
 from model.boxes import loc2bbox
 from model.losses import roi_losses, rpn_losses
 from model.ops import RoIAlign, RoIPool, batched_non_maximum_suppression
+from model.ops.conv import fastest_layout, use_winograd
 from model.roi_head import PyramidRoIAlign, RoIHead
 from model.rpn import ProposalCreator, PyramidProposalCreator, PyramidRPN, RegionProposalNetwork
 from model.targets import AnchorTargetCreator, ProposalTargetCreator
@@ -68,18 +69,20 @@ class FasterRCNN(nn.Module):
         rpn_sigma, roi_sigma: the smooth L1 sigmas of the two box losses (losses.py).
         eval_score_thresh, eval_nms_thresh: predict's 'evaluate' thresholds.
         backend: 'auto' | 'cupy' | 'torchvision', for the NMS in predict.
-        memory_format: the layout of the images and of every conv weight, hence of the
-            features (the RPN and RoI code index them the same in any layout).
-            channels_last (N, H, W, C in memory) is what oneDNN on CPUs and cuDNN's tensor
-            cores run fastest: VGG16's convs at 600x800 take 1.56 s instead of 1.92 s on a
-            2-core AVX-512 CPU, 0.78 s instead of 1.02 s in bfloat16. build_faster_rcnn takes
-            the backbone's choice (NCHW for the small toy backbones).
+        memory_format: the layout the images are given to the extractor in, which the
+            convolutions and the features follow (the RPN and RoI code index them the same in
+            any layout); None: the device's fastest, ops.conv.fastest_layout (channels-last on
+            CUDA and AVX-512 CPUs, NCHW elsewhere). build_faster_rcnn takes the backbone's
+            choice (NCHW for the small toy backbones).
+        winograd: run the 3x3 stride-1 convolutions as Winograd F(6x6, 3x3) where that is
+            faster (ops.conv: NCHW float32 on x86 CPUs without AVX-512; VGG16's convs in 1.7 s
+            instead of 3.1 s on a 2-core AVX2 CPU), as direct convolutions elsewhere.
     """
 
     def __init__(self, extractor, rpn, head, transform=None, anchor_target_creator=None,
                  proposal_target_creator=None, rpn_sigma=3.0, roi_sigma=1.0,
                  eval_score_thresh=0.05, eval_nms_thresh=0.3, backend='auto',
-                 memory_format=torch.channels_last):
+                 memory_format=None, winograd=True):
         super().__init__()
         self.extractor, self.rpn, self.head = extractor, rpn, head
         self.transform = transform or ImageTransform()
@@ -93,7 +96,8 @@ class FasterRCNN(nn.Module):
         std = self.proposal_target_creator.loc_normalize_std
         self.register_buffer('loc_normalize_std', torch.tensor(std), persistent=False)
         self.memory_format = memory_format
-        self.to(memory_format=memory_format)  # the conv weights; the images in forward
+        if winograd:
+            use_winograd(self)
 
     @property
     def n_class(self):
@@ -116,7 +120,8 @@ class FasterRCNN(nn.Module):
             roi_indices (R,). With it: a dict of the four float32 losses (LOSS_NAMES) and
             their sum, 'total_loss'.
         """
-        features = self.extractor(images.contiguous(memory_format=self.memory_format))
+        layout = self.memory_format or fastest_layout(images.device)
+        features = self.extractor(images.contiguous(memory_format=layout))
         rpn_locs, rpn_scores, rois, roi_indices, anchor = self.rpn(features, img_sizes, scales)
         if gt_bboxes is None:
             roi_cls_locs, roi_scores = self.head(features, rois, roi_indices)
@@ -222,14 +227,14 @@ def build_faster_rcnn(
         rpn_pos_iou_thresh=0.7, rpn_neg_iou_thresh=0.3, rpn_pos_ratio=0.5, roi_n_sample=128,
         roi_pos_ratio=0.25, roi_pos_iou_thresh=0.5, roi_neg_iou_thresh_hi=0.5,
         roi_neg_iou_thresh_lo=0.0, rpn_sigma=3.0, roi_sigma=1.0, eval_score_thresh=0.05,
-        eval_nms_thresh=0.3, memory_format=None):
+        eval_nms_thresh=0.3, memory_format=None, winograd=True):
     """The whole detector for ``n_fg_class`` foreground classes, with the paper's defaults.
 
     extractor: a backbone name (backbones.BACKBONES); weights: its pre-trained weights, a file
     or 'imagenet' (see backbones/base.py), None for random ones.
-    Every keyword but memory_format (see FasterRCNN; None: the backbone's) is the Config field
-    of the same name (utils/config.py says what each does), so that a checkpoint can store them
-    and rebuild the model without the Config.
+    Every keyword but memory_format and winograd (see FasterRCNN; memory_format None: the
+    backbone's) is the Config field of the same name (utils/config.py says what each does), so
+    that a checkpoint can store them and rebuild the model without the Config.
     """
     backbone = build_backbone(extractor, weights)
     counts = (rpn_nms_thresh, n_train_pre_nms, n_train_post_nms, n_test_pre_nms,
@@ -251,4 +256,4 @@ def build_faster_rcnn(
         ProposalTargetCreator(roi_n_sample, roi_pos_ratio, roi_pos_iou_thresh,
                               roi_neg_iou_thresh_hi, roi_neg_iou_thresh_lo),
         rpn_sigma, roi_sigma, eval_score_thresh, eval_nms_thresh, backend,
-        memory_format or backbone.memory_format)
+        memory_format or backbone.memory_format, winograd)

@@ -5,6 +5,7 @@ import torch
 
 from misc.benchmark import STAGES, StageClock, main, synthetic_batch, torchvision_twin
 from model.faster_rcnn import build_faster_rcnn
+from model.ops.conv import WinogradConv2d
 from model.transform import normalize
 
 
@@ -16,7 +17,7 @@ def test_smoke_tiny_images(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result['device'] == 'cpu'
     for step in ('inference', 'train'):
-        for key in ('ours_ms', 'torchvision_ms', 'torchvision_channels_last_ms',
+        for key in ('ours_ms', 'torchvision_ms', 'torchvision_our_convs_ms',
                     'torchvision_our_settings_ms', 'ratio', 'ratio_same_tricks', 'layout_gain',
                     'allocator_gain'):
             assert isinstance(result[step][key], float) and result[step][key] > 0
@@ -26,7 +27,7 @@ def test_smoke_tiny_images(tmp_path, capsys):
     assert result['train']['optimizer_gain'] > 0
     r = result['train']
     assert r['allocator_gain'] == r['torchvision_our_settings_ms'] / r[
-        'torchvision_channels_last_fused_ms']
+        'torchvision_our_convs_fused_ms']
     assert set(result['loader_images_per_s']) == {'0', '1', '2'}  # JSON keys: workers
     assert all(v > 0 for v in result['loader_images_per_s'].values())
     inference, train = result['breakdown']['inference'], result['breakdown']['train']
@@ -47,6 +48,11 @@ def test_smoke_tiny_images(tmp_path, capsys):
 def test_torchvision_twin_matches_our_weights_and_sizes():
     torch.manual_seed(0)
     ours = build_faster_rcnn(3, 'vgg16', min_size=64, max_size=96)
+    winograd = [name for name, m in ours.named_modules() if type(m) is WinogradConv2d]
+    assert len(winograd) == 14  # 13 convs and the RPN's; torchvision's users run them direct:
+    assert not any(type(m) is WinogradConv2d for m in torchvision_twin(ours, 64, 96).modules())
+    torch.manual_seed(0)
+    ours = build_faster_rcnn(3, 'vgg16', min_size=64, max_size=96, winograd=False)
     theirs = torchvision_twin(ours, 64, 96).eval()
     images, bboxes, labels = synthetic_batch(1, 64, 96, 3, seed=0)
     image_list, _ = theirs.transform([images[0] / 255])

@@ -163,5 +163,5 @@ def test_every_model_option_is_a_config_field():
     options = model_options(Config())
     # all but the starting weights (a path on this machine; a checkpoint replaces them) and
     # the memory layout (how fast, not what the model computes)
-    assert set(keywords) - set(options) == {'n_fg_class', 'weights', 'memory_format'}
+    assert set(keywords) - set(options) == {'n_fg_class', 'weights', 'memory_format', 'winograd'}
     assert options['eval_nms_thresh'] == 0.3 and options['extractor'] == 'small'

@@ -3,6 +3,7 @@ import torch
 
 from model.backbones import build_backbone
 from model.faster_rcnn import build_faster_rcnn
+from model.ops import conv
 
 SIZES = [(256, 320), (224, 288)]
 
@@ -136,11 +137,13 @@ PINNED = {
 }
 
 
-def pinned_run(extractor, memory_format):
-    """The pinned test's losses, sum of squared gradients and per-image detection sums."""
+def pinned_run(extractor, memory_format, winograd=False):
+    """The pinned test's losses, sum of squared gradients and per-image detection sums, with
+    direct convolutions (the pins') unless winograd."""
     pinned = PINNED[extractor]
     torch.manual_seed(1)
-    model = build_faster_rcnn(3, extractor, **pinned['kwargs'], memory_format=memory_format)
+    model = build_faster_rcnn(3, extractor, **pinned['kwargs'], memory_format=memory_format,
+                              winograd=winograd)
     torch.manual_seed(0)
     size = pinned['size']
     images = torch.randn(2, 3, *size)
@@ -180,4 +183,29 @@ def test_channels_last_computes_what_nchw_computes(extractor):
     assert channels_last[0] == pytest.approx(nchw[0], rel=rel)
     assert channels_last[1] == pytest.approx(nchw[1], rel=100 * rel)
     for sums, expected in zip(channels_last[2], nchw[2]):
+        assert sums == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch._nnpack_available(), reason='this torch build has no NNPACK')
+@pytest.mark.parametrize('extractor', ['small', 'vgg16'])
+def test_winograd_computes_what_direct_convolutions_compute(monkeypatch, extractor):
+    """Winograd (forced on for every 3x3 stride-1 layer, whatever this CPU and the layers'
+    sizes) changes only the convolutions' rounding: VGG16's losses agree to 1e-5 of the
+    direct ones; the small model's BatchNorm on batch statistics amplifies the change as in
+    channels-last above."""
+    monkeypatch.setattr(conv, 'winograd_available', lambda: True)
+    monkeypatch.setattr(conv, 'MIN_CELLS', 0)
+    monkeypatch.setattr(conv, 'MIN_WORK', 0)
+    calls = []
+    nnpack = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, '_nnpack_spatial_convolution',
+                        lambda *args: calls.append(1) or nnpack(*args))
+    direct = pinned_run(extractor, torch.contiguous_format)
+    assert not calls
+    winograd = pinned_run(extractor, torch.contiguous_format, winograd=True)
+    assert calls  # forward, input gradients and predict
+    rel = 1e-5 if extractor == 'vgg16' else 1e-3
+    assert winograd[0] == pytest.approx(direct[0], rel=rel)
+    assert winograd[1] == pytest.approx(direct[1], rel=100 * rel)
+    for sums, expected in zip(winograd[2], direct[2]):
         assert sums == pytest.approx(expected, rel=1e-5)
