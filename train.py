@@ -40,7 +40,13 @@ from data.dataset import (
 from data.util import DataError, read_image, size_problem
 from model.backbones import FEAT_STRIDE
 from model.faster_rcnn import build_faster_rcnn
-from trainer import FasterRCNNTrainer, NonFiniteLossError, mixed_precision, seed_all
+from trainer import (
+    FasterRCNNTrainer,
+    NonFiniteLossError,
+    fast_mixed_precision,
+    mixed_precision,
+    seed_all,
+)
 from utils.checkpoint import load_checkpoint, load_detector, save_checkpoint
 from utils.coco_eval import eval_detection_coco, format_coco_table
 from utils.config import FIXED_ON_RESUME, Config, option_name
@@ -388,13 +394,17 @@ def load_model(load_path, device='cpu', **overrides):
     """A trained detector from a checkpoint: (model in eval mode, Config, class names, the COCO
     category id of each class or None).
 
-    overrides: options given on the command line, e.g. --backend or --voc-data-dir.
+    overrides: options given on the command line, e.g. --backend or --voc-data-dir. Without
+    --amp, the checkpoint's setting, except on a device where mixed precision is slower.
     """
     state = load_checkpoint(load_path, required=('model', 'class_names', 'config'))
+    device = pick_device(device)
+    if 'amp' not in overrides and not fast_mixed_precision(device):
+        overrides['amp'] = False
     cfg = Config.from_kwargs(**{**state['config'], **overrides, 'caffe_pretrain': False,
                                 'pretrained_path': None, 'pretrained': None, 'resume': None},
                              need_data=False)
-    model, class_names = load_detector(state, pick_device(device), **model_options(cfg))
+    model, class_names = load_detector(state, device, **model_options(cfg))
     return compiled(model, cfg), cfg, class_names, state.get('category_ids')
 
 
@@ -454,7 +464,8 @@ def detect(load_path, *images, out_dir='detections', preset='visualize', device=
 
     batch_size images are predicted together (more keeps a GPU busier; padding the smaller
     ones of a batch moves their scores slightly), num_workers processes read them meanwhile;
-    amp: predict under mixed precision (default: as the checkpoint was trained).
+    amp: predict under mixed precision (default: as the checkpoint was trained, where the
+    device runs it faster).
     An image that cannot be read or used is reported, recorded with its error, and skipped;
     the others are processed, and the command then fails naming how many were skipped.
     """

@@ -1,9 +1,12 @@
+import warnings
+
 import pytest
 import torch
 
+import trainer
 from model.faster_rcnn import build_faster_rcnn
 from model.losses import smooth_l1_loss
-from trainer import FasterRCNNTrainer, make_optimizer
+from trainer import FasterRCNNTrainer, fast_mixed_precision, make_optimizer, mixed_precision
 from utils.config import Config
 
 
@@ -98,3 +101,21 @@ def test_apply_options_puts_new_solver_options_into_a_loaded_state():
     resumed.scheduler.step()  # the schedule goes on from there
     assert resumed.scheduler.base_lrs == [0.05, 0.1]
     assert resumed.optimizer.param_groups[0]['lr'] == 0.05 * 0.1
+
+
+def test_mixed_precision_warns_where_it_is_slower_than_float32(monkeypatch):
+    assert fast_mixed_precision('cuda')  # no device needed: float16 on any CUDA GPU
+    assert fast_mixed_precision('cpu') in (True, False)
+    monkeypatch.setattr(trainer, 'fast_mixed_precision', lambda device: False)
+    with pytest.warns(UserWarning, match='emulated.*use --amp=false'):
+        with mixed_precision('cpu', True):
+            assert torch.get_autocast_dtype('cpu') == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        with mixed_precision('cpu', False):
+            assert not torch.is_autocast_enabled('cpu')
+    monkeypatch.setattr(trainer, 'fast_mixed_precision', lambda device: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        with mixed_precision('cpu', True):
+            assert torch.is_autocast_enabled('cpu')
