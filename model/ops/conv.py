@@ -21,8 +21,8 @@ Measured on 2-core AMD EPYC CPUs, VGG16's 13 convs at 600x800, float32, 2 thread
 - AVX2 (Zen 3): oneDNN takes 3.0-3.3 s in NCHW and 2.5-2.8 s channels-last; Winograd 1.6-1.7 s.
   oneDNN's channels-last weight gradients are 2-3x slower than its NCHW ones there (a forward
   and backward pass of the convs: 10.9-12.9 s against 6.6-7.2 s), so NCHW and Winograd.
-- AVX-512 (Zen 4): oneDNN channels-last 1.56 s against 1.92 s NCHW, and faster training steps
-  too: channels-last. NNPACK has no AVX-512 kernels; it is not used there (not measured).
+- AVX-512 (with bfloat16): oneDNN channels-last 1.56 s against 1.92 s NCHW, and faster training
+  steps too: channels-last. NNPACK has no AVX-512 kernels; it is not used there (not measured).
 """
 import functools
 
