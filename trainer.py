@@ -4,6 +4,7 @@ parallelism, the sampling generator, running means of the losses and plots.
 The maths of a training step (targets, the four losses) is the model's: FasterRCNN.forward
 with ground truth returns the losses (model/faster_rcnn.py).
 """
+import functools
 import random
 import warnings
 
@@ -46,8 +47,11 @@ def fast_mixed_precision(device):
     """Whether --amp makes this device faster: CUDA, or a CPU whose oneDNN computes in bfloat16
     (AVX-512 or AMX). Elsewhere bfloat16 is emulated: on a 2-core AVX2 CPU VGG16's convs took
     23.5 s under --amp against 2.4 s in float32."""
-    if torch.device(device).type != 'cpu':
-        return True
+    return torch.device(device).type != 'cpu' or cpu_computes_bfloat16()
+
+
+@functools.cache  # asked at every training step under --amp; the CPU does not change
+def cpu_computes_bfloat16():
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # no such op in this torch build: assume it is fast
