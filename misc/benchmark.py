@@ -99,18 +99,17 @@ def direct_convs(module):
     return module
 
 
-def with_our_convs(model, memory_format, device):
-    """model (torchvision's) running its convolutions as ours do on device: in our layout (its
-    conv weights in channels-last make its convolutions run so) and as Winograd where ours are.
-    memory_format: our model's, None for the device's fastest."""
-    if (memory_format or fastest_layout(device)) == torch.channels_last:
+def with_our_convs(model, layout):
+    """model (torchvision's) running its convolutions as ours do: in our layout (its conv
+    weights in channels-last make its convolutions run so) and as Winograd where ours are.
+    layout: the one ours runs in."""
+    if layout == torch.channels_last:
         return model.to(memory_format=torch.channels_last)
     return use_winograd(model)
 
 
-def convolutions(ours, device):
-    """How our model runs its convolutions on device, in words."""
-    layout = ours.memory_format or fastest_layout(device)
+def convolutions(ours, layout, device):
+    """How our model runs its convolutions on device in layout, in words."""
     if layout == torch.channels_last:
         return 'channels-last'
     winograd = winograd_available() and device.type == 'cpu' and any(
@@ -462,7 +461,9 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     generator = torch.Generator(device=device).manual_seed(seed)
     # torchvision as its users run it: NCHW, torch.optim.SGD with its defaults (one for-loop
     # over the parameters on CPU); and with our convolutions, then also our fused optimizer.
-    theirs_tuned = with_our_convs(copy.deepcopy(theirs), ours.memory_format, device)
+    with autocast():  # FasterRCNN.forward's choice: under --amp, channels-last on AVX-512 too
+        layout = ours.memory_format or fastest_layout(device)
+    theirs_tuned = with_our_convs(copy.deepcopy(theirs), layout)
     theirs_optimizer, theirs_tuned_optimizer = (
         torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=SGD['lr'],
                         momentum=SGD['momentum'], weight_decay=SGD['weight_decay'])
@@ -529,7 +530,7 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     return {
         'device': str(device),
         'cpu_capability': cpu_capability() if device.type == 'cpu' else None,
-        'convolutions': convolutions(ours, device),
+        'convolutions': convolutions(ours, layout, device),
         'inference': side_by_side(inference),
         'train': side_by_side(train),
         'breakdown': {

@@ -1,5 +1,9 @@
 """model/ops/conv.py: Winograd 3x3 convolutions (NNPACK) against torch's direct convolution,
 their gradients, when WinogradConv2d takes them, and the layout choice."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,10 +151,41 @@ def test_winograd_conv2d_compiles_as_a_direct_convolution(monkeypatch):
     torch.testing.assert_close(compiled(x), expected)
 
 
-def test_fastest_layout(monkeypatch):
-    assert fastest_layout('cuda') == torch.channels_last  # no device needed: a name suffices
-    for capability, layout in (('AVX512', torch.channels_last), ('AVX2', torch.contiguous_format),
-                               ('DEFAULT', torch.contiguous_format)):
+@pytest.mark.parametrize('winograd', [True, False])
+def test_fastest_layout(monkeypatch, winograd):
+    """CUDA: channels-last. AVX-512 CPUs: channels-last for oneDNN's bfloat16 kernels under
+    autocast, NCHW for Winograd in float32 where it is available. Other CPUs: NCHW."""
+    monkeypatch.setattr(conv, 'winograd_available', lambda: winograd)
+    for amp in (False, True):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            assert fastest_layout('cuda') == torch.channels_last  # a name suffices
+            for capability, layout in (
+                    ('AVX512', torch.channels_last if amp or not winograd
+                     else torch.contiguous_format),
+                    ('AVX2', torch.contiguous_format), ('DEFAULT', torch.contiguous_format)):
+                monkeypatch.setattr(conv, 'cpu_capability', lambda capability=capability:
+                                    capability)
+                assert fastest_layout('cpu') == layout, (capability, amp)
+                assert fastest_layout(torch.device('cpu')) == layout
+
+
+def test_winograd_available_on_x86_cpus_with_nnpack(monkeypatch):
+    for capability, expected in (('AVX2', torch._nnpack_available()),
+                                 ('AVX512', torch._nnpack_available()),
+                                 ('DEFAULT', False), ('NO AVX', False), ('SVE256', False)):
         monkeypatch.setattr(conv, 'cpu_capability', lambda capability=capability: capability)
-        assert fastest_layout('cpu') == layout
-        assert fastest_layout(torch.device('cpu')) == layout
+        assert conv.winograd_available.__wrapped__() == expected, capability
+
+
+@needs_nnpack
+def test_winograd_available_initialises_nnpack():
+    """NNPACK's convolutions fail until it is initialised; winograd_available does that, and
+    WinogradConv2d asks it before its first Winograd3x3 (a fresh process shows it)."""
+    code = ('import torch; from torch import nn; from model.ops import conv\n'
+            'conv.MIN_CELLS = conv.MIN_WORK = 0\n'
+            'conv.cpu_capability = lambda: "AVX2"\n'
+            'layer = conv.use_winograd(nn.Sequential(nn.Conv2d(4, 4, 3, 1, 1)))[0]\n'
+            'x = torch.randn(1, 4, 6, 7)\n'
+            'assert torch.allclose(layer(x), nn.functional.conv2d(x, layer.weight, layer.bias,'
+            ' 1, 1), atol=1e-5)\n')
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=Path(__file__).parents[1])
