@@ -1,5 +1,5 @@
 """The ops Faster R-CNN needs beyond convolutions: NMS, RoI pooling and RoIAlign; and conv.py,
-how convolutions run fastest on each device (layout, Winograd on CPUs without AVX-512).
+how convolutions run fastest on each device (layout, Winograd on x86 CPUs).
 
 Each runs our CUDA kernel through CuPy on a CUDA tensor where CuPy works (nms.cu,
 roi_pool.cu, roi_align.cu), and torchvision.ops otherwise; backend.py is the one place that
