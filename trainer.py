@@ -1,20 +1,39 @@
-"""The training loop around the model: optimiser, lr schedule, mixed precision, data
-parallelism, the sampling generator, running means of the losses and plots.
+"""A training run around the model: the data of the run, the optimiser and its lr schedule,
+mixed precision, data parallelism, the sampling generator, running means of the losses, plots,
+validation, checkpoints, and the test of the best one.
 
 The maths of a training step (targets, the four losses) is the model's: FasterRCNN.forward
-with ground truth returns the losses (model/faster_rcnn.py).
+with ground truth returns the losses (model/faster_rcnn.py). Everything here takes the run's
+Config (utils/config.py) as an argument; train.py builds it.
+
+Under torchrun each process trains on its own shard of the images and DDP averages the
+gradients. Rank 0 alone logs, plots, writes the run folder and evaluates, while the others wait
+at a barrier: the validation set is small and mAP needs all predictions in one place.
 """
-import functools
+import dataclasses
+import os
 import random
+import sys
 import warnings
 
 import numpy as np
 import torch
+from torch import distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
 
-from model.faster_rcnn import LOSS_NAMES
+from data.dataset import TrainDataset, build_bbox_dataset, collate_train, usable_indices
+from data.util import DataError
+from model.backbones import FEAT_STRIDE
+from model.faster_rcnn import LOSS_NAMES, build_faster_rcnn
+from model.ops.speed import mixed_precision, speed_up
 from model.transform import denormalize
-from utils.vis_tool import bbox_image
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.evaluate import evaluate, format_result
+from utils.run import RunLog, save_config
+from utils.vis_tool import Visualizer, bbox_image
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,36 +62,6 @@ def make_optimizer(model, name, lr, momentum, weight_decay, double_bias=True):
         return optimizer(groups, lr=lr, foreach=True, **options)
 
 
-def fast_mixed_precision(device):
-    """Whether --amp makes this device faster: CUDA, or a CPU whose oneDNN computes in bfloat16
-    (AVX-512 or AMX). Elsewhere bfloat16 is emulated: on a 2-core AVX2 CPU VGG16's convs took
-    23.5 s under --amp against 2.4 s in float32."""
-    return torch.device(device).type != 'cpu' or cpu_computes_bfloat16()
-
-
-@functools.cache  # asked at every training step under --amp; the CPU does not change
-def cpu_computes_bfloat16():
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # no such op in this torch build: assume it is fast
-        return True
-
-
-def mixed_precision(device, enabled):
-    """--amp's autocast: float16 on CUDA (with the trainer's gradient scaler), bfloat16
-    elsewhere (float32's range: no scaler needed). Warns where that is slower than float32.
-
-    Around a whole evaluation, each weight is cast once rather than once per image: autocast
-    keeps its casts until the context closes (VGG16's fc6 alone takes 68 ms to cast on our CPU).
-    """
-    device = torch.device(device)
-    if enabled and not fast_mixed_precision(device):
-        warnings.warn('--amp on a CPU without bfloat16 instructions (AVX-512 or AMX) runs '
-                      'emulated, several times slower than float32: use --amp=false', stacklevel=2)
-    dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
 def seed_all(seed):
     """Seeds the global RNGs (Python, NumPy, torch on every device): the initial weights.
 
@@ -82,6 +71,156 @@ def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def pick_device(name, local_rank=0):
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device=cuda but no CUDA device is visible; use --device=cpu or auto')
+    if name == 'cpu' or not torch.cuda.is_available():
+        return torch.device('cpu')
+    return torch.device('cuda', local_rank)
+
+
+def build_model(cfg, n_fg_class, load_weights=True):
+    """The detector a Config describes, for ``n_fg_class`` foreground classes, set up to run
+    fast on this machine (model.ops.speed; --compile compiles its extractor).
+
+    ``load_weights=False`` starts from random weights (a checkpoint will replace them).
+    """
+    weights = cfg.caffe_pretrain_path if cfg.caffe_pretrain else cfg.pretrained_path
+    if weights is not None and load_weights and not os.path.isfile(weights):
+        hint = ' (make it with misc/convert_caffe_pretrain.py)' if cfg.caffe_pretrain else ''
+        raise ValueError(f'no {cfg.extractor} weights at {weights}{hint}')
+    weights = (weights or cfg.pretrained) if load_weights else None
+    return run_fast(build_faster_rcnn(n_fg_class, cfg.model_options(), weights), cfg.compile)
+
+
+def run_fast(model, compile_extractor=False):
+    """The speed switch on, and with compile_extractor the extractor compiled (in place: the
+    state dict keeps its keys; the RPN and head have data-dependent shapes and stay eager)."""
+    if compile_extractor:
+        model.extractor.compile()
+    return speed_up(model)
+
+
+def bbox_dataset(cfg, split, class_names=None, check_images=False):
+    """A split's bbox dataset, every object with its difficult flag; see data.dataset."""
+    data_dir = cfg.coco_dir if cfg.dataset == 'coco2017' else cfg.voc_data_dir
+    return build_bbox_dataset(cfg.dataset, data_dir, split, class_names or cfg.class_names,
+                              skip_bad=cfg.skip_bad, check_images=check_images,
+                              coco_json=cfg.coco_json, coco_test_json=cfg.coco_test_json,
+                              image_dir=cfg.image_dir)
+
+
+def size_limits(cfg):
+    """What decides whether the detector can use an image (see data.util.size_problem)."""
+    return cfg.min_size, cfg.max_size, cfg.rpn_min_size, FEAT_STRIDE
+
+
+def usable(cfg, dataset):
+    """Indices of dataset's images the detector can use (too small or thin ones refused)."""
+    return usable_indices(dataset, *size_limits(cfg), cfg.skip_bad)
+
+
+def run_data(cfg, class_names=None):
+    """(train, val, test) datasets of a run, the class names, the number held out, and the
+    COCO category id of each class (None for VOC-format data).
+
+    Every image of both splits is decoded and size-checked here, before training starts: a
+    long run never dies at its end on a bad test image. val is None when there are no
+    held-out images or they hold no object (mAP is then undefined, best.pt is the last epoch).
+    """
+    trainval = bbox_dataset(cfg, 'trainval', class_names, check_images=True)
+    class_names = tuple(trainval.class_names)
+    test = bbox_dataset(cfg, 'test', class_names, check_images=True)
+    kept = usable(cfg, trainval)
+    n_val = cfg.n_val(len(kept))
+    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    val_idx = sorted(kept[k] for k in order[:n_val])  # held out of training, fixed by the seed
+    train_idx = sorted(kept[k] for k in order[n_val:])
+    if not train_idx:
+        raise DataError(f'{cfg.voc_data_dir or cfg.dataset}: no usable training images '
+                        f'(the trainval split has {len(trainval)}, {len(kept)} usable)')
+    n_val_objects = sum(int((~trainval.get_annotation(i)[2]).sum()) for i in val_idx)
+    if val_idx and not n_val_objects:
+        warnings.warn(f'the {len(val_idx)} images held out for validation contain no objects, '
+                      'so their mAP is undefined; best.pt will be the last epoch', stacklevel=2)
+    train_set = TrainDataset(Subset(trainval, train_idx), cfg.min_size, cfg.max_size,
+                             cfg.normalization, seed=cfg.seed, use_difficult=cfg.use_difficult)
+    val_set = Subset(trainval, val_idx) if n_val_objects else None
+    test_set = Subset(test, usable(cfg, test))
+    return train_set, val_set, test_set, class_names, n_val, getattr(trainval, 'category_ids',
+                                                                     None)
+
+
+def setup_distributed(cfg):
+    """rank, world size and device; torchrun's environment starts a process group."""
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = pick_device(cfg.device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return (dist.get_rank() if world_size > 1 else 0), world_size, device
+
+
+def train(cfg, run_dir, state=None):
+    """Trains the detector cfg describes, writing run_dir; state: the checkpoint to resume."""
+    rank, world_size, device = setup_distributed(cfg)
+    main = rank == 0
+    seed_all(cfg.seed)
+    train_set, val_set, test_set, class_names, cfg.n_val_images, category_ids = run_data(
+        cfg, state and state['class_names'])  # config.json records the resolved hold-out
+    model = build_model(cfg, len(class_names), load_weights=state is None).to(device)
+    vis = Visualizer(cfg.env, cfg.visdom_server, cfg.visdom_port, enabled=cfg.visdom and main)
+    trainer = FasterRCNNTrainer(model, cfg, vis, device, rank, world_size)
+    start_epoch, best_map = 0, -1.0
+    if state is not None:
+        trainer.load_state_dict(state)
+        start_epoch, best_map = state['epoch'] + 1, state['best_map']
+    if main:
+        save_config(cfg.to_dict(), run_dir)
+        print(f'run folder: {run_dir}; {len(train_set)} training images, {cfg.n_val_images} '
+              f'held out for validation, {len(test_set)} test images, classes: '
+              f'{", ".join(class_names)}'
+              + (f'; resuming after epoch {start_epoch}' if start_epoch else ''))
+    log = RunLog(run_dir / 'metrics.jsonl', main, resume_step=trainer.step)
+    checkpoint = {'class_names': list(class_names), 'config': cfg.to_dict(), 'category_ids':
+                  category_ids, 'model_options': dataclasses.asdict(cfg.model_options())}
+
+    sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, collate_fn=collate_train,
+                        num_workers=cfg.num_workers, pin_memory=device.type == 'cuda')
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        try:
+            trainer.train_epoch(loader, epoch, log, class_names)
+        except NonFiniteLossError as e:
+            kept = (f'{run_dir / "last.pt"} (epoch {epoch}) is kept' if epoch else
+                    'no checkpoint had been written yet')
+            sys.exit(f'error: {e}; training stopped, {kept}')
+        if main:
+            best_map = trainer.end_epoch(epoch, val_set, best_map, run_dir, log, checkpoint)
+        if world_size > 1:
+            dist.barrier()  # the others wait while rank 0 evaluates and saves
+    if main:
+        test_best(model, run_dir, test_set, class_names, cfg, log, trainer.step)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def test_best(model, run_dir, test_set, class_names, cfg, log, step):
+    """Loads best.pt into the model and prints its per-class AP on the test split."""
+    best = load_checkpoint(run_dir / 'best.pt', next(model.parameters()).device)
+    model.load_state_dict(best['model'])
+    result = evaluate(model, test_set, cfg.batch_size, cfg.test_n_images, cfg.metric,
+                      cfg.num_workers, report=True, amp=cfg.amp)
+    print(f'test set, best checkpoint (epoch {best["epoch"] + 1}):')
+    print(format_result(result, class_names, cfg.metric))
+    log.write(step=step, epoch=best['epoch'], split='test', **{
+        k: v for k, v in result.items() if isinstance(v, float)})
 
 
 class FasterRCNNTrainer:
@@ -171,6 +310,42 @@ class FasterRCNNTrainer:
             self.meter_sums[k] = self.meter_sums[k] + losses[k].detach()
         self.meter_count += 1
         return losses
+
+    def train_epoch(self, loader, epoch, log, class_names):
+        """One pass over the training images; every plot_every steps, the running means of the
+        losses are logged and plotted (rank 0)."""
+        cfg, main = self.cfg, self.rank == 0
+        self.set_epoch(epoch)
+        bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.epochs}', disable=not main or None)
+        for batch in bar:
+            self.train_step(batch)
+            if main and self.step % cfg.plot_every == 0:
+                means = self.pop_means()
+                bar.set_postfix(loss=f'{means["total_loss"]:.3f}')
+                log.write(step=self.step, epoch=epoch,
+                          lr=self.optimizer.param_groups[0]['lr'], **means)
+                self.plot(batch, means, class_names)
+        self.scheduler.step()
+
+    def end_epoch(self, epoch, val_set, best_map, run_dir, log, checkpoint):
+        """Scores the held-out images, writes last.pt and, if this epoch is the best so far,
+        best.pt. Returns the best validation mAP. The best epoch is chosen on images held out
+        of training, never on the test set; without them, the last epoch is the best."""
+        val_map = None
+        if val_set is not None:
+            cfg = self.cfg
+            val_map = evaluate(self.faster_rcnn, val_set, cfg.batch_size, metric=cfg.metric,
+                               num_workers=cfg.num_workers, amp=cfg.amp)['map']
+            log.write(step=self.step, epoch=epoch, split='val', map=val_map)
+            self.vis.plot('val_map', val_map, epoch + 1)
+            print(f'epoch {epoch + 1}: validation mAP {val_map:.4f}')
+        is_best = val_map is None or val_map > best_map
+        best_map = val_map if is_best and val_map is not None else best_map
+        state = {**self.state_dict(), **checkpoint, 'epoch': epoch, 'best_map': best_map}
+        save_checkpoint(state, run_dir / 'last.pt')
+        if is_best:
+            save_checkpoint(state, run_dir / 'best.pt')
+        return best_map
 
     def plot(self, batch, means, class_names):
         """Loss curves, and the batch's first image with its ground truth and predictions."""

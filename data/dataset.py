@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from data.coco_dataset import COCOBboxDataset
 from data.toy import toy_dataset_dir
-from data.util import DataError, flip_bbox, size_problem
+from data.util import DataError, flip_bbox, read_image, size_problem
 from data.voc_dataset import VOC_BBOX_LABEL_NAMES, VOCBboxDataset
 from model.transform import check_normalization, normalize, pad_images, resize_bbox, resize_image
 
@@ -64,6 +64,29 @@ def collate_train(batch):
                 bboxes=[s[1] for s in batch],
                 labels=[s[2] for s in batch],
                 scales=torch.tensor([s[3] for s in batch], dtype=torch.float32))
+
+
+class ImageFiles(Dataset):
+    """Image files as detect reads them: sample i is (path, image or None, error message or
+    None), the image (3, H, W) float32 RGB 0..255 when it can be read and the detector can use
+    its size (limits: data.util.size_problem's min_size, max_size, min_side, stride)."""
+
+    def __init__(self, paths, limits):
+        self.paths, self.limits = paths, limits
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        try:
+            image = read_image(path)
+            problem = size_problem(image.shape[1:], *self.limits)
+            if problem is not None:
+                raise DataError(f'{path}: the image {problem}')
+        except DataError as e:
+            return path, None, str(e)
+        return path, image, None
 
 
 def collate_test(batch):

@@ -84,9 +84,8 @@ def objectness_map(rpn_scores, feature_size):
 
 def proposals_before_nms(proposal_creator, loc, fg_prob, anchor, img_size, scale):
     """(K', 4) the boxes that go into ProposalCreator's NMS at test time, highest score
-    first: every anchor decoded by its loc, clipped, kept if at least min_size, and the
-    n_test_pre_nms best of those. ProposalCreator's own code, with an NMS at IoU 1, which
-    removes nothing."""
+    first: the n_test_pre_nms best-scored anchors, decoded by their loc, clipped, kept if at
+    least min_size. ProposalCreator's own code, with an NMS at IoU 1, which removes nothing."""
     no_nms = copy.copy(proposal_creator)
     no_nms.nms_thresh, no_nms.n_test_post_nms = 1.0, proposal_creator.n_test_pre_nms
     return no_nms(loc, fg_prob, anchor, img_size, scale, training=False)
@@ -294,7 +293,7 @@ def main(checkpoint=None, image=None, out='docs/architecture.png'):
     if image is None:
         dataset = build_bbox_dataset('toy', None, 'test', class_names=class_names)
         image = dataset.image_path(first_sample_with_objects(dataset))
-    fig = draw_figure(stages(model, read_image(image)), class_names, model.rpn.feat_stride)
+    fig = draw_figure(stages(model, read_image(image)), class_names, model.rpn.strides[0])
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
     return str(out)

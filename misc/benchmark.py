@@ -47,22 +47,24 @@ from misc.convert_torchvision_fpn import torchvision_to_ours  # noqa: E402
 from model.backbones import FEAT_STRIDE  # noqa: E402
 from model.faster_rcnn import MAX_PER_IMAGE, build_faster_rcnn  # noqa: E402
 from model.ops import RoIAlign  # noqa: E402
-from model.ops.conv import (  # noqa: E402
+from model.ops.speed import (  # noqa: E402
     WinogradConv2d,
     cpu_capability,
     fastest_layout,
+    is_wide,
+    keep_freed_memory,
+    speed_up,
     use_winograd,
     winograd_available,
 )
 from model.transform import normalize  # noqa: E402
-from train import keep_freed_memory, model_options  # noqa: E402
 from trainer import make_optimizer  # noqa: E402
 from utils.config import Config  # noqa: E402
 
 # Our stages in pipeline order; a dotted name is part of the stage before the dot.
 STAGES = ('preprocess', 'backbone', 'rpn', 'rpn.proposals', 'anchor_targets', 'proposal_targets',
           'head', 'head.roi_pool', 'postprocess', 'forward', 'backward', 'optimizer_step', 'total')
-# The variants race runs with train.py's allocator setting (train.keep_freed_memory).
+# The variants race runs with train.py's allocator setting (speed.keep_freed_memory).
 KEPT_MEMORY = ('ours', 'torchvision_our_settings')
 # The paper's solver (trainer.make_optimizer's groups): lr, momentum, weight decay.
 SGD = dict(name='sgd', lr=1e-3, momentum=0.9, weight_decay=5e-4)
@@ -90,15 +92,6 @@ class RoIPoolOneLevel(nn.Module):
         return torchvision.ops.roi_pool(x, boxes, self.output_size, self.spatial_scale)
 
 
-def direct_convs(module):
-    """Our WinogradConv2d layers in module made plain nn.Conv2d again, in place: torch's direct
-    convolutions, as torchvision's users run them."""
-    for layer in module.modules():
-        if type(layer) is WinogradConv2d:
-            layer.__class__ = nn.Conv2d
-    return module
-
-
 def with_our_convs(model, layout):
     """model (torchvision's) running its convolutions as ours do: in our layout (its conv
     weights in channels-last make its convolutions run so) and as Winograd where ours are.
@@ -123,9 +116,10 @@ def torchvision_twin(ours, height, width):
     ours: our FasterRCNN; its target creators give the sampling settings.
     """
     anchor_targets, roi_targets = ours.anchor_target_creator, ours.proposal_target_creator
-    backbone = direct_convs(copy.deepcopy(ours.extractor))  # frozen layers stay frozen
+    # torch's direct convolutions, as torchvision's users run them; frozen layers stay frozen
+    backbone = use_winograd(copy.deepcopy(ours.extractor), enabled=False)
     backbone.out_channels = ours.rpn.conv1.out_channels
-    rpn_head = RPNHead(backbone.out_channels, ours.rpn.anchor_base.shape[0])
+    rpn_head = RPNHead(backbone.out_channels, ours.rpn.anchor_base.shape[1])  # A
     rpn_head.conv[0][0].load_state_dict(ours.rpn.conv1.state_dict())
     rpn_head.bbox_pred.load_state_dict(ours.rpn.loc.state_dict())
     with torch.no_grad():  # our score channels are (bg, fg) per anchor: sigmoid(fg - bg)
@@ -151,7 +145,7 @@ def torchvision_twin(ours, height, width):
         rpn_batch_size_per_image=anchor_targets.n_sample,
         rpn_positive_fraction=anchor_targets.pos_ratio,
         box_head=nn.Sequential(nn.Flatten(),
-                               direct_convs(copy.deepcopy(ours.head.classifier))),
+                               use_winograd(copy.deepcopy(ours.head.classifier), False)),
         box_predictor=predictor, box_score_thresh=evaluate['score_thresh'],
         box_nms_thresh=evaluate['nms_thresh'], box_detections_per_img=MAX_PER_IMAGE,
         box_fg_iou_thresh=roi_targets.pos_iou_thresh,
@@ -441,7 +435,7 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     torch.manual_seed(seed)
     cfg = Config(dataset='voc07', extractor=extractor, min_size=min(height, width),
                  max_size=max(height, width))  # the extractor's defaults; predict keeps the size
-    ours = build_faster_rcnn(n_class, **model_options(cfg))
+    ours = speed_up(build_faster_rcnn(n_class, cfg.model_options()))  # as train.py runs it
     if extractor.endswith('_fpn'):
         if extractor == 'small_fpn':
             raise ValueError('--extractor=small_fpn has no torchvision counterpart to time')
@@ -461,8 +455,8 @@ def run_benchmark(height=600, width=800, batch_size=1, repeat=5, warmup=1, devic
     generator = torch.Generator(device=device).manual_seed(seed)
     # torchvision as its users run it: NCHW, torch.optim.SGD with its defaults (one for-loop
     # over the parameters on CPU); and with our convolutions, then also our fused optimizer.
-    with autocast():  # FasterRCNN.forward's choice: under --amp, channels-last on AVX-512 too
-        layout = ours.memory_format or fastest_layout(device)
+    with autocast():  # the speed switch's choice: under --amp, channels-last on AVX-512 too
+        layout = fastest_layout(device) if is_wide(ours) else torch.contiguous_format
     theirs_tuned = with_our_convs(copy.deepcopy(theirs), layout)
     theirs_optimizer, theirs_tuned_optimizer = (
         torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=SGD['lr'],

@@ -8,8 +8,9 @@ foreground) pair as (0, logit): our softmax of it is its sigmoid.
     python misc/convert_torchvision_fpn.py --source=coco --out=weights/r50_fpn_coco.pt
     python misc/convert_torchvision_fpn.py --source=my_model.pth --class-names=cat,dog \\
         --out=weights/mine.pt
-    python train.py detect weights/r50_fpn_coco.pt --images=photos/
+    python train.py detect --load-path=weights/r50_fpn_coco.pt photos/*.jpg
 """
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -18,7 +19,6 @@ import fire
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train import model_options  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.config import Config  # noqa: E402
 
@@ -92,7 +92,8 @@ def main(source='coco', out='weights/resnet50_fpn_coco.pt', class_names=None):
                  class_names=class_names)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint({'model': model, 'class_names': class_names, 'config': cfg.to_dict(),
-                     'model_options': model_options(cfg), 'category_ids': category_ids}, out)
+                     'model_options': dataclasses.asdict(cfg.model_options()),
+                     'category_ids': category_ids}, out)
     print(f'wrote {out}: resnet50_fpn, {n_fg_class} classes')
 
 

@@ -11,9 +11,9 @@ Read the stages in this order: transform.py (resize, normalise), backbones/, box
 losses.py (training), and this file, which composes them.
 
 Feature Pyramid Network (Lin et al. 2017): the same detector on a list of feature maps P2..P6
-(backbones/fpn.py). What changes is at the end of rpn.py (the RPN on every level, one anchor
-size per level, proposals chosen per level) and of roi_head.py (each RoI pooled from the level
-of its size); targets, losses and this file are the same for both.
+(backbones/fpn.py). The RPN slides over every level with one anchor size per level (a C4
+backbone is a pyramid of one level), and each RoI is pooled from the level of its size
+(PyramidRoIAlign at the end of roi_head.py); targets, losses and this file are the same.
 
 Notation: N images, K anchors per image (H * W * A), R proposals over the batch, S sampled
 RoIs, C classes with background at 0 (n_class), n_fg_class = C - 1.
@@ -35,18 +35,19 @@ Glossary (the names used throughout model/):
 Labels: predict returns 0..n_fg_class-1, the datasets' labels; inside the head 0 is background
 and dataset class k is k + 1.
 """
+import dataclasses
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import clip_boxes_to_image
 
 from model.backbones import FEAT_STRIDE, build_backbone
-from model.boxes import loc2bbox
+from model.boxes import generate_anchor_base, loc2bbox
 from model.losses import roi_losses, rpn_losses
 from model.ops import RoIAlign, RoIPool, batched_non_maximum_suppression
-from model.ops.conv import fastest_layout, use_winograd
 from model.roi_head import PyramidRoIAlign, RoIHead
-from model.rpn import ProposalCreator, PyramidProposalCreator, PyramidRPN, RegionProposalNetwork
+from model.rpn import ProposalCreator, RegionProposalNetwork
 from model.targets import AnchorTargetCreator, ProposalTargetCreator
 from model.transform import ImageTransform, resize_bbox
 
@@ -69,21 +70,11 @@ class FasterRCNN(nn.Module):
         rpn_sigma, roi_sigma: the smooth L1 sigmas of the two box losses (losses.py).
         eval_score_thresh, eval_nms_thresh: predict's 'evaluate' thresholds.
         backend: 'auto' | 'cupy' | 'torchvision', for the NMS in predict.
-        memory_format: the layout the images are given to the extractor in, which the
-            convolutions and the features follow (the RPN and RoI code index them the same in
-            any layout); None: the device's fastest at each forward, ops.conv.fastest_layout
-            (channels-last on CUDA and, under autocast, on AVX-512 CPUs; NCHW elsewhere).
-            build_faster_rcnn takes the backbone's choice (NCHW for the small toy backbones).
-        winograd: run the large 3x3 stride-1 convolutions as Winograd F(6x6, 3x3) where that
-            is faster (ops.conv: NCHW float32 on x86 CPUs; VGG16's convs in 1.7 s instead of
-            3.1 s on a 2-core AVX2 CPU, 0.62 s instead of 1.38 s on an AVX-512 one), as direct
-            convolutions elsewhere.
     """
 
     def __init__(self, extractor, rpn, head, transform=None, anchor_target_creator=None,
                  proposal_target_creator=None, rpn_sigma=3.0, roi_sigma=1.0,
-                 eval_score_thresh=0.05, eval_nms_thresh=0.3, backend='auto',
-                 memory_format=None, winograd=True):
+                 eval_score_thresh=0.05, eval_nms_thresh=0.3, backend='auto'):
         super().__init__()
         self.extractor, self.rpn, self.head = extractor, rpn, head
         self.transform = transform or ImageTransform()
@@ -96,9 +87,6 @@ class FasterRCNN(nn.Module):
         # predict decodes the head's locs with the std its targets were divided by
         std = self.proposal_target_creator.loc_normalize_std
         self.register_buffer('loc_normalize_std', torch.tensor(std), persistent=False)
-        self.memory_format = memory_format
-        if winograd:
-            use_winograd(self)
 
     @property
     def n_class(self):
@@ -121,8 +109,7 @@ class FasterRCNN(nn.Module):
             roi_indices (R,). With it: a dict of the four float32 losses (LOSS_NAMES) and
             their sum, 'total_loss'.
         """
-        layout = self.memory_format or fastest_layout(images.device)
-        features = self.extractor(images.contiguous(memory_format=layout))
+        features = self.extractor(images)  # (N, C_feat, H / 16, W / 16), or a pyramid's list
         rpn_locs, rpn_scores, rois, roi_indices, anchor = self.rpn(features, img_sizes, scales)
         if gt_bboxes is None:
             roi_cls_locs, roi_scores = self.head(features, rois, roi_indices)
@@ -220,41 +207,129 @@ class FasterRCNN(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def build_faster_rcnn(
-        n_fg_class, extractor='vgg16', weights=None, *, anchor_scales=(8, 16, 32),
-        anchor_ratios=(0.5, 1, 2), min_size=600, max_size=1000, normalization='torchvision',
-        backend='auto', rpn_nms_thresh=0.7, n_train_pre_nms=12000, n_train_post_nms=2000,
-        n_test_pre_nms=6000, n_test_post_nms=300, rpn_min_size=16, rpn_n_sample=256,
-        rpn_pos_iou_thresh=0.7, rpn_neg_iou_thresh=0.3, rpn_pos_ratio=0.5, roi_n_sample=128,
-        roi_pos_ratio=0.25, roi_pos_iou_thresh=0.5, roi_neg_iou_thresh_hi=0.5,
-        roi_neg_iou_thresh_lo=0.0, rpn_sigma=3.0, roi_sigma=1.0, eval_score_thresh=0.05,
-        eval_nms_thresh=0.3, memory_format=None, winograd=True):
-    """The whole detector for ``n_fg_class`` foreground classes, with the paper's defaults.
+@dataclasses.dataclass
+class ModelOptions:
+    """What shapes a detector: build_faster_rcnn's options, which a checkpoint stores so that
+    the model can be rebuilt from the file. None takes the extractor's default, else the
+    paper's (EXTRACTOR_DEFAULTS, PAPER_DEFAULTS).
 
-    extractor: a backbone name (backbones.BACKBONES); weights: its pre-trained weights, a file
-    or 'imagenet' (see backbones/base.py), None for random ones.
-    Every keyword but memory_format and winograd (see FasterRCNN; memory_format None: the
-    backbone's) is the Config field of the same name (utils/config.py says what each does), so
-    that a checkpoint can store them and rebuild the model without the Config.
+    Attributes:
+        extractor: the backbone: vgg16 (the paper's), small (a few convs, for the toy data),
+            resnet50, resnet101, mobilenet_v3 (C4), resnet50_fpn, resnet101_fpn, small_fpn
+            (feature pyramid)
+        min_size: short side of the input after resizing (paper: 600)
+        max_size: long side of the input at most (paper: 1000)
+        normalization: caffe (BGR, 0..255, pixel means subtracted) for the caffe VGG16,
+            torchvision (RGB, ImageNet mean and std) for torchvision's weights
+        anchor_scales: anchor sides are stride * scale * sqrt(ratio) (paper: 8 16 32)
+        anchor_ratios: anchor heights / widths
+        backend: NMS and RoI pooling: auto (CuPy kernels on CUDA where CuPy works, else
+            torchvision.ops), cupy or torchvision
+        rpn_n_sample: anchors sampled per image for the RPN's losses
+        rpn_pos_iou_thresh: an anchor with this IoU with a gt box is positive
+        rpn_neg_iou_thresh: an anchor whose best IoU is under this is negative
+        rpn_pos_ratio: at most this fraction of the sampled anchors is positive
+        rpn_nms_thresh: the IoU over which NMS drops a proposal
+        n_train_pre_nms: proposals kept before NMS in training, per level (paper: 12000)
+        n_train_post_nms: proposals kept after NMS in training (paper: 2000)
+        n_test_pre_nms: proposals kept before NMS at test time, per level (paper: 6000)
+        n_test_post_nms: proposals kept after NMS at test time (paper: 300)
+        rpn_min_size: proposals under this many pixels (original scale) are dropped (paper: 16)
+        roi_n_sample: RoIs sampled per image for the head's losses (paper: 128)
+        roi_pos_ratio: at most this fraction of the sampled RoIs is positive
+        roi_pos_iou_thresh: a RoI with this IoU with a gt box is positive
+        roi_neg_iou_thresh_hi: a RoI whose best IoU is under this is background ...
+        roi_neg_iou_thresh_lo: ... if it is at least this
+        rpn_sigma: smooth L1 sigma of the RPN's box loss (its targets are finer)
+        roi_sigma: smooth L1 sigma of the head's box loss
+        eval_score_thresh: detections scoring above this are kept (evaluation, eval)
+        eval_nms_thresh: class-wise NMS of the detections (paper: 0.3)
     """
-    backbone = build_backbone(extractor, weights)
-    counts = (rpn_nms_thresh, n_train_pre_nms, n_train_post_nms, n_test_pre_nms,
-              n_test_post_nms, rpn_min_size, backend)
-    size = backbone.roi_size
+    extractor: str | None = None
+    min_size: int | None = None
+    max_size: int | None = None
+    normalization: str | None = None
+    anchor_scales: tuple[float, ...] | None = None
+    anchor_ratios: tuple[float, ...] = (0.5, 1, 2)
+    backend: str = 'auto'
+    rpn_n_sample: int = 256
+    rpn_pos_iou_thresh: float = 0.7
+    rpn_neg_iou_thresh: float = 0.3
+    rpn_pos_ratio: float = 0.5
+    rpn_nms_thresh: float = 0.7
+    n_train_pre_nms: int | None = None
+    n_train_post_nms: int | None = None
+    n_test_pre_nms: int | None = None
+    n_test_post_nms: int | None = None
+    rpn_min_size: int | None = None
+    roi_n_sample: int | None = None
+    roi_pos_ratio: float = 0.25
+    roi_pos_iou_thresh: float = 0.5
+    roi_neg_iou_thresh_hi: float = 0.5
+    roi_neg_iou_thresh_lo: float = 0.0
+    rpn_sigma: float = 3.0
+    roi_sigma: float = 1.0
+    eval_score_thresh: float = 0.05
+    eval_nms_thresh: float | None = None
+
+    def __post_init__(self):
+        self.extractor = self.extractor or PAPER_DEFAULTS['extractor']
+        for name, value in {**PAPER_DEFAULTS, **EXTRACTOR_DEFAULTS.get(self.extractor, {})}.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+
+PAPER_DEFAULTS = dict(extractor='vgg16', min_size=600, max_size=1000, normalization='torchvision',
+                      anchor_scales=(8, 16, 32), n_train_pre_nms=12000, n_train_post_nms=2000,
+                      n_test_pre_nms=6000, n_test_post_nms=300, rpn_min_size=16,
+                      roi_n_sample=128, eval_nms_thresh=0.3)
+# With a pyramid, torchvision's fasterrcnn_resnet50_fpn (Detectron's and mmdetection's alike):
+# the n_*_pre_nms best proposals of each level, 512 RoIs per image, detections NMS at 0.5, no
+# min proposal size, one anchor size per level (32 px on P2 to 512 on P6), COCO's image sizes.
+PYRAMID_DEFAULTS = dict(anchor_scales=(8,), n_train_pre_nms=2000, n_train_post_nms=2000,
+                        n_test_pre_nms=1000, n_test_post_nms=1000, rpn_min_size=0,
+                        roi_n_sample=512, eval_nms_thresh=0.5)
+EXTRACTOR_DEFAULTS = {
+    'resnet50_fpn': {**PYRAMID_DEFAULTS, 'min_size': 800, 'max_size': 1333},
+    'resnet101_fpn': {**PYRAMID_DEFAULTS, 'min_size': 800, 'max_size': 1333},
+    # anchors of 16 px on P2 to 256 on P6, and the paper's RoI counts: a few objects per image
+    'small_fpn': {**PYRAMID_DEFAULTS, 'anchor_scales': (4,), 'roi_n_sample': 128,
+                  'n_test_post_nms': 300},
+}
+
+
+def build_faster_rcnn(n_fg_class, options=None, weights=None):
+    """The whole detector for ``n_fg_class`` foreground classes: a plain nn.Module.
+
+    options: a ModelOptions (None: the paper's VGG16); weights: the backbone's pre-trained
+    weights, a file or 'imagenet' (see backbones/base.py), None for random ones.
+    """
+    opt = options or ModelOptions()
+    backbone = build_backbone(opt.extractor, weights)
     if len(backbone.strides) > 1:  # a feature pyramid: P2..P6 for the RPN, P2..P5 for RoIs
-        rpn = PyramidRPN(backbone.channels, backbone.channels, anchor_ratios, anchor_scales,
-                         backbone.strides, PyramidProposalCreator(*counts))
-        pool = PyramidRoIAlign(size, backbone.strides[:-1], backend=backend)
+        # Anchors centred on their cell's corner, sides rounded to whole pixels, as in
+        # torchvision and Detectron: ResNet's strided convs centre cell x on input pixel
+        # x * stride (VGG16's 2x2 pools put it half a stride further: the C4 anchors' offset).
+        bases = [(generate_anchor_base(s, opt.anchor_ratios, opt.anchor_scales) - s / 2).round()
+                 for s in backbone.strides]
+        pool = PyramidRoIAlign(backbone.roi_size, backbone.strides[:-1], backend=opt.backend)
     else:
-        rpn = RegionProposalNetwork(backbone.channels, backbone.channels, anchor_ratios,
-                                    anchor_scales, FEAT_STRIDE, ProposalCreator(*counts))
-        pool = (RoIPool(size, size, 1 / FEAT_STRIDE, backend) if backbone.roi_op == 'pool' else
-                RoIAlign(size, 1 / FEAT_STRIDE, sampling_ratio=0, aligned=True, backend=backend))
+        bases = [generate_anchor_base(FEAT_STRIDE, opt.anchor_ratios, opt.anchor_scales)]
+        pool = (RoIPool(backbone.roi_size, backbone.roi_size, 1 / FEAT_STRIDE, opt.backend)
+                if backbone.roi_op == 'pool' else
+                RoIAlign(backbone.roi_size, 1 / FEAT_STRIDE, sampling_ratio=0, aligned=True,
+                         backend=opt.backend))
+    proposals = ProposalCreator(opt.rpn_nms_thresh, opt.n_train_pre_nms, opt.n_train_post_nms,
+                                opt.n_test_pre_nms, opt.n_test_post_nms, opt.rpn_min_size,
+                                opt.backend)
+    rpn = RegionProposalNetwork(backbone.channels, backbone.channels, bases, backbone.strides,
+                                proposals)
     head = RoIHead(n_fg_class + 1, pool, backbone.classifier, backbone.features)
     return FasterRCNN(
-        backbone.extractor, rpn, head, ImageTransform(min_size, max_size, normalization),
-        AnchorTargetCreator(rpn_n_sample, rpn_pos_iou_thresh, rpn_neg_iou_thresh, rpn_pos_ratio),
-        ProposalTargetCreator(roi_n_sample, roi_pos_ratio, roi_pos_iou_thresh,
-                              roi_neg_iou_thresh_hi, roi_neg_iou_thresh_lo),
-        rpn_sigma, roi_sigma, eval_score_thresh, eval_nms_thresh, backend,
-        memory_format or backbone.memory_format, winograd)
+        backbone.extractor, rpn, head,
+        ImageTransform(opt.min_size, opt.max_size, opt.normalization),
+        AnchorTargetCreator(opt.rpn_n_sample, opt.rpn_pos_iou_thresh, opt.rpn_neg_iou_thresh,
+                            opt.rpn_pos_ratio),
+        ProposalTargetCreator(opt.roi_n_sample, opt.roi_pos_ratio, opt.roi_pos_iou_thresh,
+                              opt.roi_neg_iou_thresh_hi, opt.roi_neg_iou_thresh_lo),
+        opt.rpn_sigma, opt.roi_sigma, opt.eval_score_thresh, opt.eval_nms_thresh, opt.backend)

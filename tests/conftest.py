@@ -36,10 +36,11 @@ def tiny_run_options(toy_root, out_dir, **overrides):
 @pytest.fixture(scope='session')
 def trained_run(toy_root, tmp_path_factory):
     """A run folder with a checkpoint trained for one short epoch."""
-    from train import train
-    out = tmp_path_factory.mktemp('trained')
-    train(**tiny_run_options(toy_root, out))
-    return out / 'run'
+    import trainer
+    from utils.config import Config
+    run_dir = tmp_path_factory.mktemp('trained') / 'run'
+    trainer.train(Config.from_kwargs(**tiny_run_options(toy_root, run_dir.parent)), run_dir)
+    return run_dir
 
 
 def score_lists(metric, preds, gts, **kwargs):

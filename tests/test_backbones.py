@@ -65,8 +65,7 @@ def test_a_few_training_steps(name):
     torch.manual_seed(0)
     cfg = Config(extractor=name, min_size=64, max_size=96, anchor_scales=(2, 4),
                  roi_n_sample=16, lr=0.01)
-    model = build_faster_rcnn(2, name, anchor_scales=(2, 4), min_size=64, max_size=96,
-                              roi_n_sample=16)
+    model = build_faster_rcnn(2, cfg.model_options())
     trainer = FasterRCNNTrainer(model, cfg)
     assert len(trainer.optimizer.param_groups[1]['params']) > 0
     bias_lr = 2 if cfg.double_bias else 1  # small_fpn: the Caffe solver, as small

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from misc.benchmark import STAGES, StageClock, main, synthetic_batch, torchvision_twin
-from model.faster_rcnn import build_faster_rcnn
-from model.ops.conv import WinogradConv2d
+from model.faster_rcnn import ModelOptions, build_faster_rcnn
+from model.ops.speed import WinogradConv2d, speed_up
 from model.transform import normalize
 
 
@@ -47,12 +47,12 @@ def test_smoke_tiny_images(tmp_path, capsys):
 
 def test_torchvision_twin_matches_our_weights_and_sizes():
     torch.manual_seed(0)
-    ours = build_faster_rcnn(3, 'vgg16', min_size=64, max_size=96)
+    ours = speed_up(build_faster_rcnn(3, ModelOptions('vgg16', min_size=64, max_size=96)))
     winograd = [name for name, m in ours.named_modules() if type(m) is WinogradConv2d]
     assert len(winograd) == 14  # 13 convs and the RPN's; torchvision's users run them direct:
     assert not any(type(m) is WinogradConv2d for m in torchvision_twin(ours, 64, 96).modules())
     torch.manual_seed(0)
-    ours = build_faster_rcnn(3, 'vgg16', min_size=64, max_size=96, winograd=False)
+    ours = build_faster_rcnn(3, ModelOptions('vgg16', min_size=64, max_size=96))
     theirs = torchvision_twin(ours, 64, 96).eval()
     images, bboxes, labels = synthetic_batch(1, 64, 96, 3, seed=0)
     image_list, _ = theirs.transform([images[0] / 255])
@@ -75,8 +75,8 @@ def test_torchvision_twin_matches_our_weights_and_sizes():
 
 def test_no_proposals_gives_no_boxes_on_both_sides():
     torch.manual_seed(0)
-    ours = build_faster_rcnn(2, 'vgg16', rpn_min_size=1000, min_size=64,
-                             max_size=96)  # every proposal is under 1000 px
+    ours = build_faster_rcnn(2, ModelOptions('vgg16', rpn_min_size=1000, min_size=64,
+                                             max_size=96))  # every proposal is under 1000 px
     theirs = torchvision_twin(ours, 64, 96).eval()
     images, _, _ = synthetic_batch(1, 64, 96, 2, seed=0)
     assert ours.predict(list(images))[0][0].shape == (0, 4)
@@ -113,7 +113,7 @@ def test_stage_clock_times_and_restores():
 def test_twin_of_a_c4_backbone_pools_as_ours():
     # RoIAlign (aligned, adaptive sampling) on 14 x 14 crops, then our conv5 head on both sides
     torch.manual_seed(0)
-    ours = build_faster_rcnn(3, 'mobilenet_v3', min_size=64, max_size=96).eval()
+    ours = build_faster_rcnn(3, ModelOptions('mobilenet_v3', min_size=64, max_size=96)).eval()
     theirs = torchvision_twin(ours, 64, 96).eval()
     pool = theirs.roi_heads.box_roi_pool
     assert pool.align and pool.output_size == (14, 14)

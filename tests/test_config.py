@@ -143,25 +143,13 @@ def test_validation_hold_out_scales_with_the_split():
         Config(n_val_images=300).n_val(250)
 
 
-def test_choices_agree_with_the_modules_that_take_them():
-    # The Config lists the valid values itself, so that no library module imports it.
-    from data.dataset import DATASETS
-    from model.backbones import BACKBONES
-    from model.ops import BACKENDS
-    from model.transform import NORMALIZATION
-    from utils.config import CHOICES
-    assert CHOICES['dataset'] == DATASETS and CHOICES['extractor'] == BACKBONES
-    assert CHOICES['backend'] == BACKENDS and CHOICES['normalization'] == tuple(NORMALIZATION)
+def test_model_options_are_the_config_fields_a_checkpoint_stores():
+    import dataclasses
 
-
-def test_every_model_option_is_a_config_field():
-    import inspect
-
-    from model.faster_rcnn import build_faster_rcnn
-    from train import model_options
-    keywords = inspect.signature(build_faster_rcnn).parameters
-    options = model_options(Config())
-    # all but the starting weights (a path on this machine; a checkpoint replaces them) and
-    # the memory layout (how fast, not what the model computes)
-    assert set(keywords) - set(options) == {'n_fg_class', 'weights', 'memory_format', 'winograd'}
-    assert options['eval_nms_thresh'] == 0.3 and options['extractor'] == 'small'
+    from model.faster_rcnn import ModelOptions
+    options = Config().model_options()
+    assert type(options) is ModelOptions
+    assert dataclasses.asdict(options) == {
+        f.name: getattr(Config(), f.name) for f in dataclasses.fields(ModelOptions)}
+    assert options.eval_nms_thresh == 0.3 and options.extractor == 'small'
+    assert ModelOptions(**dataclasses.asdict(options)) == options  # what load_detector does

@@ -8,7 +8,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'misc'))
 from convert_caffe_pretrain import main as convert  # noqa: E402
 
-from model.faster_rcnn import build_faster_rcnn  # noqa: E402
+from model.faster_rcnn import ModelOptions, build_faster_rcnn  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -28,7 +28,7 @@ def test_converted_weights_load_into_extractor_and_head(caffe_like, tmp_path):
     converted = torch.load(out, weights_only=True)
     assert 'classifier.6.weight' not in converted  # fc8 (1000 ImageNet classes) dropped
     assert len(converted) == 26 + 4  # 13 convs and fc6, fc7, each a weight and a bias
-    model = build_faster_rcnn(20, 'vgg16', str(out))
+    model = build_faster_rcnn(20, ModelOptions('vgg16'), str(out))
     assert torch.equal(model.extractor[0].weight, state['features.0.weight'])  # conv1_1
     assert torch.equal(model.extractor[28].bias, state['features.28.bias'])  # conv5_3
     assert torch.equal(model.head.classifier[0].weight, state['classifier.0.weight'])  # fc6

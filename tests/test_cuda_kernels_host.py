@@ -331,7 +331,7 @@ def roi_pool_inputs(dtype, spatial_scale, seed=0):
 
 
 def run_roi_pool_forward(host_kernels, x, rois, spatial_scale, pooled_h, pooled_w):
-    """roi_pool_forward, launched as model/ops/roi_pool.py RoIPool2DFunction.forward does;
+    """roi_pool_forward, launched as model/ops/roi_pool.py RoIPoolFunction.forward does;
     out and argmax start as NaN and -7 so that every element must be written."""
     out = torch.full((rois.shape[0], CHANNELS, pooled_h, pooled_w), float('nan'), dtype=x.dtype)
     argmax = torch.full(out.shape, -7, dtype=torch.int32)
@@ -342,7 +342,7 @@ def run_roi_pool_forward(host_kernels, x, rois, spatial_scale, pooled_h, pooled_
 
 
 def run_roi_pool_backward(host_kernels, grad, argmax, rois):
-    """roi_pool_backward, launched as RoIPool2DFunction.backward does; grad_in (N, C, H, W)
+    """roi_pool_backward, launched as RoIPoolFunction.backward does; grad_in (N, C, H, W)
     and the number of atomicAdd calls."""
     grad_in = torch.zeros(N_IMAGES, CHANNELS, HEIGHT, WIDTH, dtype=grad.dtype)
     pooled_size = argmax.shape[2] * argmax.shape[3]

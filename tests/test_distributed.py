@@ -17,8 +17,7 @@ from torch import multiprocessing as mp
 from torch import nn
 
 from data.dataset import collate_train
-from train import build_model
-from trainer import FasterRCNNTrainer
+from trainer import FasterRCNNTrainer, build_model
 from utils.checkpoint import load_checkpoint
 from utils.config import Config
 

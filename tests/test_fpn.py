@@ -9,8 +9,8 @@ from misc.convert_torchvision_fpn import torchvision_to_ours
 from model.backbones import build_backbone
 from model.faster_rcnn import build_faster_rcnn
 from model.roi_head import PyramidRoIAlign
-from model.rpn import PyramidProposalCreator
-from train import model_options
+from model.rpn import ProposalCreator
+from utils.checkpoint import load_detector
 from utils.config import Config
 
 # Where the designs differ, the input avoids the difference (named in README too):
@@ -52,8 +52,8 @@ def twins():
         theirs.rpn.head.bbox_pred.weight.normal_(0, 0.03)
         theirs.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.3)
     cfg = Config(extractor='resnet50_fpn', min_size=HEIGHT * SCALE, max_size=WIDTH * SCALE)
-    # direct convolutions, as torchvision's (Winograd's rounding: tests/test_conv.py)
-    ours = build_faster_rcnn(3, **model_options(cfg), winograd=False).eval()
+    # the plain model: direct convolutions, as torchvision's
+    ours = build_faster_rcnn(3, cfg.model_options()).eval()
     ours.load_state_dict(torchvision_to_ours(theirs.state_dict()))
     image = torch.randint(0, 256, (3, HEIGHT, WIDTH), generator=torch.Generator().manual_seed(1))
     return ours, theirs, image.float()
@@ -124,7 +124,7 @@ def test_rois_are_pooled_from_the_level_of_their_size():
 
 
 def test_proposals_take_the_best_of_each_level_and_nms_within_it():
-    creator = PyramidProposalCreator(nms_thresh=0.5, n_test_pre_nms=2, n_test_post_nms=10,
+    creator = ProposalCreator(nms_thresh=0.5, n_test_pre_nms=2, n_test_post_nms=10,
                                      min_size=0)
     box = [10.0, 10, 50, 50]
     # level 0: three anchors, the two best overlap; level 1: a copy of level 0's best, and
@@ -148,7 +148,7 @@ def test_defaults_are_torchvisions_and_cocos():
     assert (cfg.min_size, cfg.max_size, cfg.anchor_scales) == (800, 1333, (8,))
     assert (cfg.n_test_pre_nms, cfg.n_test_post_nms, cfg.roi_n_sample) == (1000, 1000, 512)
     assert (cfg.lr, cfg.lr_scaling, cfg.eval_nms_thresh) == (0.00125, 'linear', 0.5)
-    model = build_faster_rcnn(3, **model_options(cfg))
+    model = build_faster_rcnn(3, cfg.model_options())
     sides = (model.rpn.anchor_base[:, :, 2] - model.rpn.anchor_base[:, :, 0]).tolist()
     assert [level[1] for level in sides] == [32, 64, 128, 256, 512]  # ratio 1 on P2..P6
     assert Config(extractor='vgg16').n_test_post_nms == 300  # the paper's, unchanged
@@ -157,19 +157,17 @@ def test_defaults_are_torchvisions_and_cocos():
 @torch.no_grad()
 def test_converted_torchvision_weights_load_as_a_checkpoint(twins, tmp_path):
     from misc.convert_torchvision_fpn import main
-    from train import load_model
     ours, theirs, image = twins
     state = theirs.state_dict()
     torch.save(state, tmp_path / 'tv.pth')
     main(source=str(tmp_path / 'tv.pth'), out=str(tmp_path / 'ours.pt'), class_names='a,b,c')
-    model, cfg, class_names, _ = load_model(str(tmp_path / 'ours.pt'), 'cpu',
-                                            min_size=HEIGHT * SCALE, max_size=WIDTH * SCALE)
-    assert class_names == ('a', 'b', 'c') and cfg.extractor == 'resnet50_fpn'
+    model, class_names = load_detector(str(tmp_path / 'ours.pt'), min_size=HEIGHT * SCALE)
+    assert class_names == ('a', 'b', 'c') and type(model.extractor) is type(ours.extractor)
     # the weights of the twin that computes what torchvision computes (above)
     expected = ours.state_dict()
     assert model.state_dict().keys() == expected.keys()
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
-    assert (model.memory_format, model.transform.min_size) == (ours.memory_format, HEIGHT * SCALE)
+    assert model.transform.min_size == HEIGHT * SCALE
     # older torchvision files name the FPN and RPN convs without the Sequential
     old = {k.replace('rpn.head.conv.0.0.', 'rpn.head.conv.')
            .replace('_blocks.0.0.', '_blocks.0.'): v for k, v in state.items()}

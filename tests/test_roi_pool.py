@@ -5,9 +5,17 @@ import pytest
 import torch
 import torchvision
 
-from model.ops.roi_pool import CROPS_MIN_CHANNELS, RoIPool, RoIPool2DFunction, roi_cells
+from model.ops.roi_pool import RoIPool, RoIPoolFunction
 
 needs_cupy = pytest.mark.skipif(importlib.util.find_spec('cupy') is None, reason='needs CuPy')
+# Where RoIPool runs: torchvision.ops on the CPU, our CuPy kernels on CUDA.
+BACKENDS = ['torchvision', pytest.param('cupy', marks=[pytest.mark.gpu, needs_cupy])]
+
+
+def pool(x, rois, outh, outw, scale, backend):
+    """RoIPool with backend, on the device the backend runs on (CUDA for cupy)."""
+    device = 'cuda' if backend == 'cupy' else 'cpu'
+    return RoIPool(outh, outw, scale, backend)(x.to(device), rois.to(device))
 
 
 def round_half_away(v):
@@ -135,120 +143,54 @@ def test_hand_gradient():
                        expected.double())
 
 
-@pytest.mark.parametrize('impl', ['torchvision', 'crops'])
+@pytest.mark.parametrize('backend', BACKENDS)
 @pytest.mark.parametrize('scale', [1.0, 0.5, 1 / 16])
 @pytest.mark.parametrize('outh, outw', [(7, 7), (2, 3)])
-def test_matches_reference(scale, outh, outw, impl):
+def test_matches_reference(scale, outh, outw, backend):
     x = distinct_features((2, 3, 13, 17), seed=1).requires_grad_()
     rois = random_rois(40, 2, 13 / scale, 17 / scale, seed=2, scale=scale)
     assert ((rois[:, 3:] - rois[:, 1:3]) * scale).max() < 27  # see reference_roi_pool
-    out = RoIPool2DFunction.apply(x, rois, outh, outw, scale, impl)
+    out = pool(x, rois, outh, outw, scale, backend)
     # float32 features are exact in float64, and a max picks one of them: no rounding at all
     expected, argmax = reference_roi_pool(x.detach(), rois, outh, outw, scale)
-    assert out.dtype == torch.float32 and torch.equal(out.double(), expected)
+    assert out.dtype == torch.float32 and torch.equal(out.cpu().double(), expected)
     assert (expected == 0).any() and len(argmax) > 0.5 * expected.numel()  # both kinds of bins
     grad_output = integer_grad(out.shape, seed=3)
-    out.backward(grad_output)
+    out.backward(grad_output.to(out.device))
     expected_grad = reference_roi_pool_grad(x.shape, argmax, grad_output)
     assert torch.equal(x.grad.double(), expected_grad)
 
 
-@pytest.mark.parametrize('impl', ['torchvision', 'crops'])
-def test_gradcheck(impl):
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_gradcheck(backend):
     x = distinct_features((2, 2, 9, 11), seed=4, dtype=torch.float64).requires_grad_()
     rois = random_rois(12, 2, 9 * 4, 11 * 4, seed=5).double()
-    assert torch.autograd.gradcheck(
-        lambda x: RoIPool2DFunction.apply(x, rois, 3, 2, 0.25, impl), (x,))
+    assert torch.autograd.gradcheck(lambda x: pool(x, rois, 3, 2, 0.25, backend), (x,))
 
 
-@pytest.mark.parametrize('impl', ['torchvision', 'crops'])
-def test_half_runs_in_float32(impl):
-    x = distinct_features((2, 3, 13, 17), seed=6).half().requires_grad_()
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_runs_in_float32(backend, dtype):
+    x = distinct_features((2, 3, 13, 17), seed=6).to(dtype).requires_grad_()
     rois = random_rois(20, 2, 13 * 16, 17 * 16, seed=7, scale=1 / 16)
-    out = RoIPool2DFunction.apply(x, rois, 7, 7, 1 / 16, impl)
-    assert out.dtype == torch.float16
+    out = pool(x, rois, 7, 7, 1 / 16, backend)
+    assert out.dtype == dtype
     expected, argmax = reference_roi_pool(x.detach(), rois, 7, 7, 1 / 16)
-    assert torch.equal(out.double(), expected)  # half values are exact in float32 and 64
+    assert torch.equal(out.cpu().double(), expected)  # half values are exact in float32 and 64
     out.sum().backward()
-    assert x.grad.dtype == torch.float16
+    assert x.grad.dtype == dtype
     # the gradient counts how often each cell is a max: small integers, exact in half
     expected_grad = reference_roi_pool_grad(x.shape, argmax, torch.ones(out.shape))
     assert torch.equal(x.grad.double(), expected_grad)
 
 
-@pytest.mark.parametrize('impl', ['torchvision', 'crops'])
-def test_no_rois(impl):
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_no_rois(backend):
     x = distinct_features((1, 3, 5, 5)).requires_grad_()
-    out = RoIPool2DFunction.apply(x, torch.zeros(0, 5), 7, 7, 1.0, impl)
+    out = pool(x, torch.zeros(0, 5), 7, 7, 1.0, backend)
     assert out.shape == (0, 3, 7, 7)
     out.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
-
-
-def test_roi_cells_flags_the_sizes_whose_float_bins_are_inexact():
-    """torchvision cuts a RoI into bins at p * (size / 7) in floating point: exact below 57
-    cells in float32 (29 in float64); 57 cells: 7 * float32(57 / 7) rounds up past 57, so
-    ceil makes the last bin one cell longer than the exact ceil(7 * 57 / 7) = 57."""
-    sizes = torch.arange(1, 130)
-    rois = torch.zeros(len(sizes), 5)
-    rois[:, 3:] = (sizes - 1)[:, None]  # cells 0..size-1 at scale 1
-    for dtype, expected in ((torch.float32, [57, 114, 121]), (torch.float64, [29, 58, 116, 123])):
-        start, size, inexact = roi_cells(rois.to(dtype), 1.0, 7, 7)
-        assert torch.equal(size[:, 0], sizes) and (start == 0).all()
-        assert sizes[inexact].tolist() == expected
-        float_end = math.ceil(7 * (torch.tensor(expected[0], dtype=dtype) / 7).item())
-        assert float_end == expected[0] + 1
-
-
-def vgg_like_rois(n_roi, height, width, seed):
-    """(R, 5) rois on a height x width map at stride 16 over two images: most inside the
-    image, some over its edge, some of 57+ cells (torchvision's inexact bins), some far out."""
-    g = torch.Generator().manual_seed(seed)
-    img = torch.tensor([width * 16.0, height * 16.0])
-    xy = torch.rand(n_roi, 2, generator=g) * img
-    wh = torch.rand(n_roi, 2, generator=g) ** 2 * img * 0.6 + 8
-    box = torch.cat([xy, (xy + wh).minimum(img)], dim=1)  # (R, 4) clipped like proposals
-    box[:5] = torch.tensor([[16.0, 0, 912, 896], [0, 0, 1000, 1000], [-300, -200, 100, 60],
-                            [900, 500, 1200, 700], [20000, 10, 30000, 20]])
-    index = torch.randint(0, 2, (n_roi, 1), generator=g).float()
-    return torch.cat([index, box], dim=1)
-
-
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('layout', [torch.channels_last, torch.contiguous_format])
-def test_crops_equal_torchvision_on_vgg_sizes(dtype, layout):
-    """Post-ReLU features (many tied zeros) of VGG16's shape: output, argmax and gradient equal
-    torchvision's op bit for bit, in either layout, bfloat16 included (a max is exact)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 512, 38, 50, generator=g).relu().to(dtype)
-    x = x.contiguous(memory_format=layout).requires_grad_()
-    rois = vgg_like_rois(300, 38, 50, seed=1)
-    assert roi_cells(rois, 1 / 16, 7, 7)[2][0]  # 57 x 57 cells: handed to torchvision
-    out = RoIPool2DFunction.apply(x, rois, 7, 7, 1 / 16, 'crops')
-    x_ref = x.detach().float().contiguous().requires_grad_()
-    expected, argmax = torch.ops.torchvision.roi_pool(x_ref, rois, 1 / 16, 7, 7)
-    assert out.dtype == dtype and torch.equal(out, expected.to(dtype))
-    assert (argmax == -1).any() and (expected == 0).float().mean() > 0.1  # empty bins, ties
-    grad = integer_grad(out.shape, seed=2)
-    out.backward(grad.to(dtype))
-    expected_grad = torchvision.ops.roi_pool(x_ref, rois, (7, 7), 1 / 16)
-    expected_grad.backward(grad)
-    assert torch.equal(x.grad, x_ref.grad.to(dtype))
-
-
-@pytest.mark.parametrize('channels, backend, expected', [
-    (CROPS_MIN_CHANNELS, 'auto', 'crops'), (CROPS_MIN_CHANNELS - 1, 'auto', 'torchvision'),
-    (CROPS_MIN_CHANNELS, 'torchvision', 'torchvision')])
-def test_cpu_picks_crops_for_many_channels(monkeypatch, channels, backend, expected):
-    used = []
-    apply = RoIPool2DFunction.apply
-    monkeypatch.setattr(RoIPool2DFunction, 'apply',
-                        lambda *args: used.append(args[-1]) or apply(*args))
-    x = distinct_features((1, channels, 6, 7))
-    rois = random_rois(10, 1, 6 * 16, 7 * 16, seed=3)
-    out = RoIPool(7, 7, 1 / 16, backend)(x, rois)
-    assert used == [expected]
-    assert torch.equal(out, torchvision.ops.roi_pool(x, rois, (7, 7), 1 / 16))
 
 
 def test_errors():
@@ -301,4 +243,4 @@ def test_cupy_gradcheck():
     x = distinct_features((2, 2, 9, 11), seed=10, dtype=torch.float64).cuda().requires_grad_()
     rois = random_rois(12, 2, 9 * 4, 11 * 4, seed=11).double().cuda()
     assert torch.autograd.gradcheck(
-        lambda x: RoIPool2DFunction.apply(x, rois, 3, 2, 0.25, 'cupy'), (x,))
+        lambda x: RoIPoolFunction.apply(x, rois, 3, 2, 0.25), (x,))

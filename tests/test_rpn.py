@@ -29,13 +29,13 @@ def rpn_outputs(seed=0):
 
 
 def reference_proposals(loc, score, anchor, img_size, min_size, n_pre, n_post, thresh):
-    """The same pipeline written directly with torchvision.ops."""
-    roi = torchvision.ops.clip_boxes_to_image(loc2bbox(anchor, loc), img_size)
-    keep = torchvision.ops.remove_small_boxes(roi, min_size)
-    roi, score = roi[keep], score[keep]
+    """The same pipeline written directly with torchvision.ops: the n_pre best anchors,
+    decoded, clipped, the small ones dropped, NMS, the n_post best."""
     order = score.argsort(descending=True)[:n_pre]
-    keep = torchvision.ops.nms(roi[order], score[order], thresh)[:n_post]
-    return roi[order][keep]
+    roi = torchvision.ops.clip_boxes_to_image(loc2bbox(anchor[order], loc[order]), img_size)
+    keep = torchvision.ops.remove_small_boxes(roi, min_size)
+    roi, score = roi[keep], score[order][keep]
+    return roi[torchvision.ops.nms(roi, score, thresh)[:n_post]]
 
 
 def test_proposal_creator_hand_case():
@@ -49,6 +49,9 @@ def test_proposal_creator_hand_case():
     torch.testing.assert_close(roi, anchor[[0, 2, 1]])
     roi = ProposalCreator()(loc, score, anchor, (120, 50))  # clipped to 50 x 120 (W x H)
     torch.testing.assert_close(roi, torch.tensor([[20.0, 20, 50, 60]]))
+    # the n_pre_nms best come first, then the size filter: the small best one is not replaced
+    roi = ProposalCreator(n_test_pre_nms=2)(loc, score, anchor, (200, 200))
+    torch.testing.assert_close(roi, anchor[[2]])
 
 
 @pytest.mark.parametrize('training', [False, True])
@@ -88,7 +91,8 @@ def test_proposal_creator_no_gradient():
 
 def test_rpn_shapes_and_anchor_order():
     torch.manual_seed(0)
-    rpn = RegionProposalNetwork(8, 8, ratios=(0.5, 1, 2), anchor_scales=(2, 4), feat_stride=16)
+    anchor_base = generate_anchor_base(16, (0.5, 1, 2), (2, 4))
+    rpn = RegionProposalNetwork(8, 8, [anchor_base], [16], ProposalCreator())
     features = torch.randn(2, 8, 5, 7)
     rpn_locs, rpn_scores, rois, roi_indices, anchor = rpn(features, [(80, 112), (64, 96)],
                                                           [1.0, 1.0])
@@ -97,8 +101,7 @@ def test_rpn_shapes_and_anchor_order():
     assert anchor.shape == (n_anchor, 4)
     # anchor k of location (y, x) is row (y * W + x) * A + k, as the conv output is reshaped
     torch.testing.assert_close(anchor[(2 * 7 + 3) * 6 + 1],
-                               generate_anchor_base(16, (0.5, 1, 2), (2, 4))[1]
-                               + torch.tensor([3 * 16, 2 * 16, 3 * 16, 2 * 16]))
+                               anchor_base[1] + torch.tensor([3 * 16, 2 * 16, 3 * 16, 2 * 16]))
     loc_map = rpn.loc(torch.relu(rpn.conv1(features)))  # (N, A * 4, H, W)
     torch.testing.assert_close(rpn_locs[1, (2 * 7 + 3) * 6 + 1], loc_map[1, 4:8, 2, 3])
     assert roi_indices.tolist() == sorted(roi_indices.tolist())

@@ -278,39 +278,30 @@ def test_small_fpn_trains_the_toy_dataset_to_map_09(tmp_path, monkeypatch):
     assert test['map'] >= 0.9, test
 
 
-def test_evaluate_with_amp_casts_each_weight_once_for_all_images(trained_run):
-    """--amp predicts in bfloat16 on the CPU, inside one autocast context around the whole
-    evaluation: each fc weight is cast once, not once per image."""
-    from torch.profiler import profile, record_function
+@pytest.mark.parametrize('verb, groups', [
+    ('train', ('data', 'model', 'solver', 'run')), ('eval', ('data', 'model', 'solver', 'run')),
+    ('detect', ())])
+def test_help_lists_the_options_with_type_default_and_meaning(verb, groups):
+    """Through the real entry point: exit 0, every option of the verb with the type of its
+    value, and the default where it has one."""
+    import dataclasses
 
-    from train import bbox_dataset, evaluate
-    model, cfg, class_names, _ = load_model(trained_run / 'best.pt', 'cpu')
-    test = torch.utils.data.Subset(bbox_dataset(cfg, 'test', class_names), range(3))
-    weight = tuple(model.head.score.weight.shape)  # (C, D): cast only when the weight is
-    casts = {}
-    for amp in (False, True):
-        with profile(record_shapes=True) as prof, record_function('evaluate'):
-            result = evaluate(model, test, amp=amp)
-        casts[amp] = sum(event.count for event in prof.key_averages(group_by_input_shape=True)
-                         if event.key == 'aten::_to_copy' and event.input_shapes
-                         and tuple(event.input_shapes[0]) == weight)
-        assert 0 <= result['map'] <= 1
-    assert casts == {False: 0, True: 1}
-
-
-def test_keep_freed_memory_stops_page_faults_on_reused_blocks():
-    """glibc by default maps blocks over 32 MB fresh: every 64 MB tensor page-faults anew.
-    After keep_freed_memory, once the heap has grown to hold them (the first two may take new
-    pages), later 64 MB tensors reuse freed pages: the last three of six fault 10x less."""
-    code = '\n'.join([
-        'import resource, sys, torch', 'from train import keep_freed_memory',
-        "if sys.argv[1] == 'keep':", '    keep_freed_memory()',
-        'for i in range(6):',
-        '    if i == 3:', '        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt',
-        '    torch.ones(64 << 18)',  # 64 MB
-        'print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)'])
-    faults = {mode: int(subprocess.run([sys.executable, '-c', code, mode], check=True,
-                                       capture_output=True, text=True,
-                                       cwd=Path(__file__).parents[1]).stdout)
-              for mode in ('default', 'keep')}
-    assert faults['keep'] * 10 < faults['default']
+    from train import EVAL_OPTIONS
+    from utils.config import Config
+    done = subprocess.run([sys.executable, 'train.py', verb, '--help'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    text = done.stdout
+    assert text.startswith(f'usage: python train.py {verb}')
+    for group in groups:
+        assert f'\n{group} options:\n' in text
+    names = {'train': [f.name for f in dataclasses.fields(Config)], 'eval': EVAL_OPTIONS,
+             'detect': ['out_dir', 'preset', 'device', 'batch_size', 'num_workers', 'amp']}[verb]
+    for name in names:
+        assert re.search(rf'^  --{name.replace("_", "-")}=\S+$', text, re.M), name
+    if verb == 'train':
+        assert '--epochs=INT\n      passes over the training images (paper: 14) [def' in text
+        assert '--momentum=FLOAT\n      SGD momentum [default: 0.9]' in text
+        assert '--extractor={vgg16,small,' in text and '--anchor-scales=FLOAT,...' in text
+    else:  # eval and detect take no training option
+        assert '--lr=' not in text and '--load-path=STR' in text

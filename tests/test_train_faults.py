@@ -21,9 +21,9 @@ from PIL import Image
 
 import utils.checkpoint
 from data.util import DataError
-from train import detect, main, new_run_dir, train
+from train import detect, main, train
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.config import Config
+from utils.run import new_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
@@ -166,10 +166,9 @@ def test_a_new_run_never_overwrites_an_old_one(trained_run, toy_root):
                                          r'run with --resume=.*run or choose another'):
         train(**tiny_run_options(toy_root, trained_run.parent))
     assert (trained_run / 'last.pt').read_bytes() == before
-    cfg = Config(out_dir=str(trained_run.parent))
-    first = new_run_dir(cfg)
+    first = new_run_dir(trained_run.parent, None, 'toy')
     first.mkdir()
-    assert new_run_dir(cfg) not in (first, trained_run)
+    assert new_run_dir(trained_run.parent, None, 'toy') not in (first, trained_run)
 
 
 @pytest.mark.parametrize('option, value', [

@@ -1,12 +1,10 @@
-import warnings
 
 import pytest
 import torch
 
-import trainer
-from model.faster_rcnn import build_faster_rcnn
+from model.faster_rcnn import ModelOptions, build_faster_rcnn
 from model.losses import smooth_l1_loss
-from trainer import FasterRCNNTrainer, fast_mixed_precision, make_optimizer, mixed_precision
+from trainer import FasterRCNNTrainer, make_optimizer
 from utils.config import Config
 
 
@@ -25,7 +23,7 @@ def test_smooth_l1_by_hand():
 
 
 def test_optimizer_gives_biases_twice_the_lr_and_no_decay():
-    model = build_faster_rcnn(3, 'small')
+    model = build_faster_rcnn(3, ModelOptions('small'))
     opt = make_optimizer(model, 'sgd', 0.01, 0.9, 5e-4)
     weights, biases = opt.param_groups
     assert (weights['lr'], weights['weight_decay'], weights['momentum']) == (0.01, 5e-4, 0.9)
@@ -38,7 +36,7 @@ def test_optimizer_gives_biases_twice_the_lr_and_no_decay():
 @pytest.mark.filterwarnings('ignore:Detected call of')
 def test_lr_drops_at_the_milestones():
     cfg = Config(lr=0.01, lr_milestones=(2,), epochs=4)
-    trainer = FasterRCNNTrainer(build_faster_rcnn(3, 'small'), cfg)
+    trainer = FasterRCNNTrainer(build_faster_rcnn(3, ModelOptions('small')), cfg)
     lrs = []
     for _ in range(4):
         lrs.append(trainer.optimizer.param_groups[0]['lr'])
@@ -54,7 +52,7 @@ def test_a_box_on_the_image_edge_trains_after_resizing():
     bbox = resize_bbox(torch.tensor([[600.0, 0, 1153, 500]]), (500, 1153), (434, 1000))
     assert bbox[0, 2] > 1000
     cfg = Config(lr=0.01, min_size=434, max_size=1000, anchor_scales=(8,))
-    trainer = FasterRCNNTrainer(build_faster_rcnn(1, 'small', anchor_scales=(8,)), cfg)
+    trainer = FasterRCNNTrainer(build_faster_rcnn(1, cfg.model_options()), cfg)
     batch = dict(images=torch.randn(1, 3, 434, 1000), sizes=torch.tensor([[434, 1000]]),
                  bboxes=[bbox], labels=[torch.tensor([0])], scales=torch.tensor([0.8673]))
     losses = trainer.train_step(batch)
@@ -82,17 +80,17 @@ def test_apply_options_puts_new_solver_options_into_a_loaded_state():
     """What --resume does: options in the Config win over the loaded optimizer's; unchanged
     ones give back exactly the values the schedule reached (two milestones passed)."""
     cfg = Config(lr=0.01, lr_milestones=(1, 2), epochs=4, lr_decay=0.3)
-    trained = FasterRCNNTrainer(build_faster_rcnn(3, 'small'), cfg)
+    trained = FasterRCNNTrainer(build_faster_rcnn(3, ModelOptions('small')), cfg)
     for _ in range(3):
         trained.scheduler.step()
     state = {**trained.state_dict()}
-    same = FasterRCNNTrainer(build_faster_rcnn(3, 'small'), cfg)
+    same = FasterRCNNTrainer(build_faster_rcnn(3, ModelOptions('small')), cfg)
     same.load_state_dict(state)
     assert [g['lr'] for g in same.optimizer.param_groups] == [
         g['lr'] for g in trained.optimizer.param_groups] == [0.01 * 0.3 * 0.3, 0.02 * 0.3 * 0.3]
 
     changed = Config(lr=0.05, lr_milestones=(2,), epochs=4, momentum=0.5, weight_decay=1e-4)
-    resumed = FasterRCNNTrainer(build_faster_rcnn(3, 'small'), changed)
+    resumed = FasterRCNNTrainer(build_faster_rcnn(3, ModelOptions('small')), changed)
     resumed.load_state_dict(state)
     weights, biases = resumed.optimizer.param_groups
     assert (weights['lr'], biases['lr']) == (0.05 * 0.1, 0.1 * 0.1)  # milestone 2 passed
@@ -101,21 +99,3 @@ def test_apply_options_puts_new_solver_options_into_a_loaded_state():
     resumed.scheduler.step()  # the schedule goes on from there
     assert resumed.scheduler.base_lrs == [0.05, 0.1]
     assert resumed.optimizer.param_groups[0]['lr'] == 0.05 * 0.1
-
-
-def test_mixed_precision_warns_where_it_is_slower_than_float32(monkeypatch):
-    assert fast_mixed_precision('cuda')  # no device needed: float16 on any CUDA GPU
-    assert fast_mixed_precision('cpu') in (True, False)
-    monkeypatch.setattr(trainer, 'fast_mixed_precision', lambda device: False)
-    with pytest.warns(UserWarning, match='emulated.*use --amp=false'):
-        with mixed_precision('cpu', True):
-            assert torch.get_autocast_dtype('cpu') == torch.bfloat16
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        with mixed_precision('cpu', False):
-            assert not torch.is_autocast_enabled('cpu')
-    monkeypatch.setattr(trainer, 'fast_mixed_precision', lambda device: True)
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        with mixed_precision('cpu', True):
-            assert torch.is_autocast_enabled('cpu')

@@ -3,9 +3,9 @@
 A checkpoint is a dict of tensors and plain values, written to a temporary file, synced and
 renamed (a kill mid-save leaves the previous file intact), and read with
 ``torch.load(weights_only=True)`` (a checkpoint is data, never code). A detector checkpoint
-holds 'model' (the state dict), 'class_names' and 'model_options' (the keyword arguments of
-model.faster_rcnn.build_faster_rcnn), so load_detector rebuilds the model from the file alone;
-the trainer adds its own state and 'config'.
+holds 'model' (the state dict), 'class_names' and 'model_options' (the fields of
+model.faster_rcnn.ModelOptions), so load_detector rebuilds the model from the file alone; the
+trainer adds its own state and 'config'.
 """
 import errno
 import os
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from model.faster_rcnn import build_faster_rcnn
+from model.faster_rcnn import ModelOptions, build_faster_rcnn
 
 
 class CheckpointError(ValueError):
@@ -68,6 +68,7 @@ def load_detector(checkpoint, device='cpu', **options):
         raise CheckpointError('the checkpoint has no model_options: it was written before frcnn '
                               'stored them; train it again with this version')
     class_names = tuple(checkpoint['class_names'])
-    model = build_faster_rcnn(len(class_names), **{**checkpoint['model_options'], **options})
+    options = ModelOptions(**{**checkpoint['model_options'], **options})
+    model = build_faster_rcnn(len(class_names), options)
     model.load_state_dict(checkpoint['model'])
     return model.to(device).eval(), class_names

@@ -1,10 +1,12 @@
 """Every option of a run, its default and why: one dataclass, built once in train.py.
 
-Defaults are the paper's and the original Caffe port's; the model/ file that uses each says
-where it comes from. Fields left at ``None`` take a default that depends on other options:
-``DATASET_DEFAULTS`` (the toy dataset trains a small extractor on small images so that it
-learns on a CPU in minutes), ``EXTRACTOR_DEFAULTS``, and weights files that name their backbone
-(--caffe-pretrain and --pretrained-path hold VGG16). An explicit option always wins.
+Config is four groups of options, each a dataclass whose docstring says what every option does
+(`python train.py train --help` prints them): DataOptions, the model's own ModelOptions
+(model/faster_rcnn.py, which a checkpoint stores) with the starting weights, SolverOptions and
+RunOptions. Options left at None take a default that depends on others, an explicit one always
+winning: the extractor's (model.faster_rcnn.EXTRACTOR_DEFAULTS, SOLVER_DEFAULTS), the
+dataset's (DATASET_DEFAULTS: the toy dataset trains a small extractor on small images so that
+it learns on a CPU in minutes), then the paper's (model.faster_rcnn.PAPER_DEFAULTS).
 
 Values arrive from the command line through fire, which hands over strings, numbers, lists or
 tuples as it guesses them (``--amp=false`` is the string 'false', ``--epochs=1.5`` a float).
@@ -19,59 +21,40 @@ import types
 import typing
 from dataclasses import dataclass
 
-# Per-dataset values for the fields whose default is None.
+from data.dataset import DATASETS
+from model.backbones import BACKBONES
+from model.faster_rcnn import EXTRACTOR_DEFAULTS, ModelOptions
+from model.ops import BACKENDS
+from model.transform import NORMALIZATION
+
+# Per-dataset values for the options whose default is None.
 DATASET_DEFAULTS = {
     'toy': dict(extractor='small', min_size=256, max_size=400, anchor_scales=(2, 4, 8),
                 epochs=10, lr_milestones=(7,), num_workers=0, plot_every=50),
-    'voc': dict(extractor='vgg16', min_size=600, max_size=1000, anchor_scales=(8, 16, 32),
-                epochs=14, lr_milestones=(9,), num_workers=2, plot_every=40),
+    'voc': dict(extractor='vgg16', epochs=14, lr_milestones=(9,), num_workers=2, plot_every=40),
 }
-# The paper's proposal counts, RoI minibatch and detection NMS, for the models without a
-# pyramid; EXTRACTOR_DEFAULTS may replace them.
-PAPER_DEFAULTS = dict(n_train_pre_nms=12000, n_train_post_nms=2000, n_test_pre_nms=6000,
-                      n_test_post_nms=300, rpn_min_size=16, roi_n_sample=128,
-                      eval_nms_thresh=0.3, lr_scaling='none')
-# Solver settings per extractor. VGG16: the paper's Caffe solver. The small extractor has
-# BatchNorm and learns from scratch: a 10x larger lr. ResNet and MobileNet: tf-faster-rcnn's
-# (lr 1e-3 at batch 1, weight decay 1e-4 and 4e-5, biases at the weights' lr).
-CAFFE_SOLVER = dict(lr=1e-3, weight_decay=5e-4, double_bias=True)
-# FPN: torchvision's fasterrcnn_resnet50_fpn (Detectron's and mmdetection's 1x schedule alike):
-# the n_*_pre_nms best proposals of each level, n_*_post_nms per image after NMS, 512 RoIs per
-# image, detections NMS at 0.5, no min proposal size; one anchor size per level, 32 px on P2 to
-# 512 on P6; COCO's 800 / 1333 images; lr 0.02 for 16 images, 0.00125 per image, scaled by the
-# total batch (--lr-scaling=linear).
-FPN_DEFAULTS = dict(n_train_pre_nms=2000, n_train_post_nms=2000, n_test_pre_nms=1000,
-                    n_test_post_nms=1000, rpn_min_size=0, roi_n_sample=512, eval_nms_thresh=0.5,
-                    anchor_scales=(8,), lr=0.00125, lr_scaling='linear', weight_decay=1e-4,
-                    double_bias=False)
-EXTRACTOR_DEFAULTS = {
+# Solver settings per extractor. VGG16: the paper's Caffe solver. The small extractors have
+# BatchNorm and learn from scratch: a 10x larger lr. ResNet and MobileNet: tf-faster-rcnn's
+# (lr 1e-3 at batch 1, weight decay 1e-4 and 4e-5, biases at the weights' lr). FPN:
+# torchvision's (Detectron's, mmdetection's 1x): lr 0.02 for 16 images, scaled by the batch.
+CAFFE_SOLVER = dict(lr=1e-3, weight_decay=5e-4, double_bias=True, lr_scaling='none')
+FPN_SOLVER = dict(lr=0.00125, lr_scaling='linear', weight_decay=1e-4, double_bias=False)
+SOLVER_DEFAULTS = {
     'vgg16': CAFFE_SOLVER, 'small': {**CAFFE_SOLVER, 'lr': 0.01},
-    'resnet50': dict(lr=1e-3, weight_decay=1e-4, double_bias=False),
-    'resnet101': dict(lr=1e-3, weight_decay=1e-4, double_bias=False),
-    'mobilenet_v3': dict(lr=1e-3, weight_decay=4e-5, double_bias=False),
-    'resnet50_fpn': {**FPN_DEFAULTS, 'min_size': 800, 'max_size': 1333},
-    'resnet101_fpn': {**FPN_DEFAULTS, 'min_size': 800, 'max_size': 1333},
-    # the toy images' sizes; anchors of 16 px on P2 to 256 on P6; the small model's solver
-    # and the paper's RoI counts (a few objects per image, a CPU's speed)
-    'small_fpn': {**FPN_DEFAULTS, 'anchor_scales': (4,), **CAFFE_SOLVER, 'lr': 0.01,
-                  'lr_scaling': 'none', 'roi_n_sample': 128, 'n_test_post_nms': 300},
+    'small_fpn': {**CAFFE_SOLVER, 'lr': 0.01},
+    'resnet50': dict(lr=1e-3, weight_decay=1e-4, double_bias=False, lr_scaling='none'),
+    'resnet101': dict(lr=1e-3, weight_decay=1e-4, double_bias=False, lr_scaling='none'),
+    'mobilenet_v3': dict(lr=1e-3, weight_decay=4e-5, double_bias=False, lr_scaling='none'),
+    'resnet50_fpn': FPN_SOLVER, 'resnet101_fpn': FPN_SOLVER,
 }
 # Held out of the training split for the per-epoch mAP: this fraction of it, at most the cap.
 VAL_FRACTION, VAL_CAP = 0.1, 300
 
-# The valid values of the options with a fixed set of them. The modules that take these
-# values (data.dataset.DATASETS, model.backbones.BACKBONES, model.transform.NORMALIZATION,
-# model.ops.BACKENDS) do not import the Config; tests/test_config.py checks they agree.
+# The valid values of the options with a fixed set of them, from the modules that take them.
 CHOICES = {
-    'dataset': ('voc07', 'voc0712', 'custom', 'toy', 'coco', 'coco2017'),
-    'metric': ('voc', 'coco'),
-    'extractor': ('vgg16', 'small', 'resnet50', 'resnet101', 'mobilenet_v3',
-                  'resnet50_fpn', 'resnet101_fpn', 'small_fpn'),
-    'pretrained': ('imagenet',),
-    'normalization': ('caffe', 'torchvision'),
-    'optimizer': ('sgd', 'adam'),
-    'device': ('auto', 'cpu', 'cuda'),
-    'backend': ('auto', 'cupy', 'torchvision'),
+    'dataset': DATASETS, 'extractor': BACKBONES, 'normalization': tuple(NORMALIZATION),
+    'backend': BACKENDS, 'metric': ('voc', 'coco'), 'pretrained': ('imagenet',),
+    'optimizer': ('sgd', 'adam'), 'device': ('auto', 'cpu', 'cuda'),
     'lr_scaling': ('none', 'linear'),
 }
 # What a resumed run cannot change: the model's shape and the weights it came from, the
@@ -79,8 +62,7 @@ CHOICES = {
 # same images throughout, none of which were trained on), and where the run lives.
 FIXED_ON_RESUME = ('dataset', 'class_names', 'extractor', 'anchor_scales', 'anchor_ratios',
                    'normalization', 'caffe_pretrain', 'caffe_pretrain_path', 'pretrained_path',
-                   'pretrained',
-                   'optimizer', 'seed', 'n_val_images', 'out_dir', 'run_name')
+                   'pretrained', 'optimizer', 'seed', 'n_val_images', 'out_dir', 'run_name')
 # Numeric options that must lie in a range (None, where allowed, is not checked).
 RANGES = {
     'positive': ('lr', 'min_size', 'max_size', 'epochs', 'batch_size', 'rpn_n_sample',
@@ -130,13 +112,18 @@ def _scalar(name, kind, value):
     return number
 
 
+def field_kind(annotation):
+    """(the type of a field's values, whether None is allowed): X | None -> (X, True)."""
+    if isinstance(annotation, types.UnionType):
+        return next(k for k in typing.get_args(annotation) if k is not type(None)), True
+    return annotation, False
+
+
 def _coerce(name, annotation, value):
     """value as the field's type: X | None, bool, int, float, str or tuple[X, ...]."""
-    kind = annotation
-    if isinstance(annotation, types.UnionType):  # X | None
-        kind = next(k for k in typing.get_args(annotation) if k is not type(None))
-        if value is None or (isinstance(value, str) and value.lower() == 'none'):
-            return None
+    kind, optional = field_kind(annotation)
+    if optional and (value is None or (isinstance(value, str) and value.lower() == 'none')):
+        return None
     if typing.get_origin(kind) is tuple:
         item = typing.get_args(kind)[0]
         if isinstance(value, str):  # --class-names=cat,dog that fire left as one string
@@ -149,87 +136,125 @@ def _coerce(name, annotation, value):
 
 
 @dataclass
-class Config:
-    # --- data ---
-    dataset: str = 'toy'               # voc07 | voc0712 | custom | toy
-    voc_data_dir: str | None = None    # VOCdevkit (voc07, voc0712) or your VOC-format folder
-    coco_json: str | None = None       # --dataset=coco: one COCO JSON (split 80/20 unless ...)
-    coco_test_json: str | None = None  # ... this JSON is the test split
-    image_dir: str | None = None       # the COCO JSON's images (default: the JSON's folder)
-    coco_dir: str | None = None        # --dataset=coco2017: annotations/, train2017/, val2017/
-    class_names: tuple[str, ...] | None = None  # fixes the class list; default: found in the XMLs
-    skip_bad: bool = False             # skip unreadable images / malformed XML with a warning
-    use_difficult: bool = False        # train on 'difficult' objects too (the paper does not)
-    min_size: int | None = None        # short side after resize (paper: 600)
-    max_size: int | None = None        # long side at most (paper: 1000)
-    n_val_images: int | None = None    # held out for per-epoch mAP; default 10%, at most 300
-    num_workers: int | None = None     # DataLoader worker processes
+class DataOptions:
+    """Where the images and boxes come from.
 
-    # --- model ---
-    extractor: str | None = None       # vgg16 (the paper) | small (a few convs, for the toy set)
-                                       # | resnet50 | resnet101 | mobilenet_v3 (C4) | resnet50_fpn
-                                       # | resnet101_fpn | small_fpn (feature pyramid)
-    caffe_pretrain: bool = False       # start from the caffe VGG16 (implies vgg16; see misc/)
+    Attributes:
+        dataset: toy (generated), voc07, voc0712, custom (your VOC-format folder), coco (a
+            COCO JSON) or coco2017
+        voc_data_dir: the VOCdevkit (voc07, voc0712) or your VOC-format folder (custom)
+        coco_json: --dataset=coco: one COCO JSON, split 80/20 unless --coco-test-json is given
+        coco_test_json: --dataset=coco: the test split's COCO JSON
+        image_dir: --dataset=coco: the JSON's images (default: the JSON's folder)
+        coco_dir: --dataset=coco2017: the folder of annotations/, train2017/ and val2017/
+        class_names: the classes, e.g. cat,dog (default: every object name in the annotations)
+        skip_bad: skip unreadable images and malformed annotations with a warning each
+        use_difficult: train on 'difficult' objects too (the paper does not)
+        n_val_images: training images held out for the per-epoch mAP (default: 10%, <= 300)
+        num_workers: DataLoader worker processes
+    """
+    dataset: str = 'toy'
+    voc_data_dir: str | None = None
+    coco_json: str | None = None
+    coco_test_json: str | None = None
+    image_dir: str | None = None
+    coco_dir: str | None = None
+    class_names: tuple[str, ...] | None = None
+    skip_bad: bool = False
+    use_difficult: bool = False
+    n_val_images: int | None = None
+    num_workers: int | None = None
+
+
+@dataclass
+class WeightOptions:
+    """The weights training starts from (default: random).
+
+    Attributes:
+        caffe_pretrain: the caffe VGG16 the paper started from (implies vgg16 and caffe
+            normalization; misc/convert_caffe_pretrain.py makes the file)
+        caffe_pretrain_path: where --caffe-pretrain finds it
+        pretrained_path: a torchvision state dict of the extractor's network (default vgg16)
+        pretrained: imagenet: torchvision's published weights of it (downloaded)
+    """
+    caffe_pretrain: bool = False
     caffe_pretrain_path: str = 'weights/vgg16_caffe.pth'
-    pretrained_path: str | None = None  # torchvision's weights file of --extractor (or vgg16)
-    pretrained: str | None = None      # imagenet: torchvision's published weights (downloaded)
-    normalization: str | None = None   # caffe (BGR, 0..255) with caffe weights, else torchvision
-    anchor_scales: tuple[float, ...] | None = None  # sides: stride * scale * sqrt(ratio)
-    anchor_ratios: tuple[float, ...] = (0.5, 1, 2)
-    backend: str = 'auto'              # NMS / RoI pooling: auto | cupy | torchvision
+    pretrained_path: str | None = None
+    pretrained: str | None = None
 
-    # --- targets and proposals ---
-    rpn_n_sample: int = 256
-    rpn_pos_iou_thresh: float = 0.7
-    rpn_neg_iou_thresh: float = 0.3
-    rpn_pos_ratio: float = 0.5
-    rpn_nms_thresh: float = 0.7
-    # None: the paper's values (PAPER_DEFAULTS) or the extractor's (FPN_DEFAULTS)
-    n_train_pre_nms: int | None = None  # with a pyramid: per level
-    n_train_post_nms: int | None = None
-    n_test_pre_nms: int | None = None
-    n_test_post_nms: int | None = None
-    rpn_min_size: int | None = None    # proposals under this many px at input scale are dropped
-    roi_n_sample: int | None = None
-    roi_pos_ratio: float = 0.25
-    roi_pos_iou_thresh: float = 0.5
-    roi_neg_iou_thresh_hi: float = 0.5
-    roi_neg_iou_thresh_lo: float = 0.0
-    rpn_sigma: float = 3.0             # smooth L1 sigma: the RPN's targets are finer
-    roi_sigma: float = 1.0
 
-    # --- optimisation ---
+@dataclass
+class SolverOptions:
+    """How the weights are trained.
+
+    Attributes:
+        optimizer: sgd or adam
+        lr: learning rate of the weights (paper: 1e-3 at batch 1)
+        lr_scaling: linear: lr x images per step over all processes (Goyal et al. 2017)
+        momentum: SGD momentum
+        weight_decay: L2 penalty of the weights, not the biases (paper: 5e-4)
+        double_bias: biases at 2x lr, as in the Caffe solver (VGG16)
+        lr_decay: lr factor at each milestone
+        lr_milestones: epochs after which lr is multiplied by lr_decay (paper: 9)
+        epochs: passes over the training images (paper: 14)
+        batch_size: images per step and process (paper: 1)
+        amp: mixed precision: bfloat16 on CPUs, float16 with a gradient scaler on CUDA
+    """
     optimizer: str = 'sgd'
-    lr: float | None = None            # paper: 1e-3 for batch 1 (VGG16)
-    lr_scaling: str | None = None      # linear: lr x total batch size (Goyal et al. 2017)
+    lr: float | None = None
+    lr_scaling: str | None = None
     momentum: float = 0.9
-    weight_decay: float | None = None  # not on biases; per extractor (EXTRACTOR_DEFAULTS)
-    double_bias: bool | None = None    # biases at 2x lr, as in the Caffe solver (VGG16)
+    weight_decay: float | None = None
+    double_bias: bool | None = None
     lr_decay: float = 0.1
-    lr_milestones: tuple[int, ...] | None = None  # epochs after which lr is x lr_decay
+    lr_milestones: tuple[int, ...] | None = None
     epochs: int | None = None
-    batch_size: int = 1                # images per step and process; the paper uses 1
-    amp: bool = False                  # mixed precision: bf16 on CPU, fp16 + GradScaler on CUDA
-    compile: bool = False              # torch.compile the extractor (see README for when it pays)
+    batch_size: int = 1
+    amp: bool = False
 
-    # --- evaluation (predict's 'evaluate' preset) ---
-    metric: str | None = None          # voc: VOC07 11-point mAP (the paper's); coco: COCO AP
-                                       # (pycocotools); default coco on COCO data, else voc
-    eval_score_thresh: float = 0.05    # keep detections scoring above this
-    eval_nms_thresh: float | None = None  # class-wise NMS of the detections (paper: 0.3)
 
-    # --- run ---
+@dataclass
+class RunOptions:
+    """Where and how a run goes.
+
+    Attributes:
+        device: auto (CUDA where there is one), cpu or cuda
+        seed: fixes the initial weights, the held-out images, the order, flips and sampling
+        out_dir: the folder of run folders
+        run_name: this run's folder in it (default: <dataset>-<time>); never reused
+        resume: a run folder or checkpoint to continue exactly
+        metric: voc (VOC07 11-point mAP, the paper's) or coco (COCO AP; default on COCO data)
+        test_n_images: evaluate on the first n test images only (quick checks)
+        compile: torch.compile the extractor (see README for when it pays)
+        plot_every: steps between loss records and plots
+        visdom: plot losses and boxes in visdom (a missing server only warns)
+        env: the visdom environment
+        visdom_server: the visdom server's address
+        visdom_port: the visdom server's port
+    """
     device: str = 'auto'
     seed: int = 0
     out_dir: str = 'runs'
-    run_name: str | None = None        # default: <dataset>-<timestamp>; never reused
-    resume: str | None = None          # a run folder or checkpoint to continue exactly
-    plot_every: int | None = None      # steps between visdom / log updates
-    env: str = 'frcnn'                 # visdom environment
+    run_name: str | None = None
+    resume: str | None = None
+    metric: str | None = None
+    test_n_images: int | None = None
+    compile: bool = False
+    plot_every: int | None = None
     visdom: bool = True
+    env: str = 'frcnn'
     visdom_server: str = 'http://127.0.0.1'
     visdom_port: int = 8097
-    test_n_images: int | None = None   # evaluate on the first n test images only (quick checks)
+
+
+# --help's groups, in order: (title, the dataclasses whose fields it lists)
+GROUPS = (('data', (DataOptions,)), ('model', (ModelOptions, WeightOptions)),
+          ('solver', (SolverOptions,)), ('run', (RunOptions,)))
+
+
+@dataclass
+class Config(RunOptions, SolverOptions, WeightOptions, ModelOptions, DataOptions):
+    """Every option of a run (the groups above); see the module docstring for defaults."""
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -249,18 +274,20 @@ class Config:
         if given and self.extractor in ('small', 'small_fpn'):
             raise ValueError(f'{given[0]} gives pre-trained weights, but --extractor='
                              f'{self.extractor} has none; drop one of the two')
-        if given and self.extractor is None:
-            self.extractor = 'vgg16'  # the paper's backbone
-        defaults = DATASET_DEFAULTS['toy' if self.dataset == 'toy' else 'voc']
-        defaults = {**PAPER_DEFAULTS, **defaults,
-                    **EXTRACTOR_DEFAULTS.get(self.extractor or defaults['extractor'], {})}
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        if self.normalization is None:
-            self.normalization = 'caffe' if self.caffe_pretrain else 'torchvision'
+        dataset = DATASET_DEFAULTS['toy' if self.dataset == 'toy' else 'voc']
+        # weights name their backbone: the paper's, unless --extractor says otherwise
+        self.extractor = self.extractor or ('vgg16' if given else dataset['extractor'])
+        if self.extractor in SOLVER_DEFAULTS:  # else validate names the bad extractor
+            defaults = {**dataset, **EXTRACTOR_DEFAULTS.get(self.extractor, {}),
+                        **SOLVER_DEFAULTS[self.extractor]}
+            for name, value in defaults.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        if self.normalization is None and self.caffe_pretrain:
+            self.normalization = 'caffe'
         if self.metric is None:
             self.metric = 'coco' if self.dataset.startswith('coco') else 'voc'
+        ModelOptions.__post_init__(self)  # the paper's values for the rest
 
     def validate(self):
         for name, valid in CHOICES.items():
@@ -309,6 +336,11 @@ class Config:
                 '(no validation: best.pt is the last epoch)')
         return self.n_val_images
 
+    def model_options(self):
+        """The ModelOptions part: what build_faster_rcnn takes and a checkpoint stores."""
+        return ModelOptions(**{f.name: getattr(self, f.name)
+                               for f in dataclasses.fields(ModelOptions)})
+
     @classmethod
     def parse_options(cls, kwargs):
         """fire's keyword arguments -> {field name: value of the field's type}.
@@ -339,4 +371,3 @@ class Config:
 
     def to_dict(self):
         return dataclasses.asdict(self)
-

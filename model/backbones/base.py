@@ -12,8 +12,7 @@ class Backbone(NamedTuple):
     """extractor: (N, 3, H, W) -> (N, channels, H / 16, W / 16), the features RPN and head share;
     a feature pyramid's gives a list of maps instead, one per stride in strides.
     classifier: (R, channels * roi_size**2) pooled RoIs, flattened -> (R, features).
-    roi_op: 'pool' (RoI max pooling, Fast R-CNN) or 'align' (RoIAlign, Mask R-CNN sec. 3).
-    memory_format: the layout the model runs in, None: the device's fastest (see FasterRCNN)."""
+    roi_op: 'pool' (RoI max pooling, Fast R-CNN) or 'align' (RoIAlign, Mask R-CNN sec. 3)."""
     extractor: nn.Module
     classifier: nn.Module
     channels: int
@@ -21,7 +20,6 @@ class Backbone(NamedTuple):
     roi_op: str = 'pool'
     roi_size: int = 7
     strides: tuple = (FEAT_STRIDE,)
-    memory_format: torch.memory_format | None = None  # measured per backbone
 
 
 def freeze(*modules):

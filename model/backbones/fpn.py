@@ -9,7 +9,6 @@ The builders give torchvision's fasterrcnn_resnet50_fpn layout (whose weights
 misc/convert_torchvision_fpn.py maps onto ours): ResNet stem and conv2 fixed, BatchNorm frozen
 as in resnet.py, Kaiming-uniform (a=1) lateral and output convs with zero bias.
 """
-import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
@@ -47,16 +46,17 @@ class FeaturePyramid(nn.Module):
         # every level is exactly half the one below and the top-down sums line up.
         height, width = x.shape[-2:]
         x = F.pad(x, (0, -width % 32, 0, -height % 32))
-        bottom_up = []
-        for stage in self.stages:
+        lateral = []  # C2..C5, each brought to `channels` by its 1x1 conv
+        for stage, conv in zip(self.stages, self.lateral):
             x = stage(x)
-            bottom_up.append(x)  # C2..C5
-        top_down = self.lateral[-1](bottom_up[-1])
-        pyramid = [self.output[-1](top_down)]  # P5
-        for c, lateral, output in zip(bottom_up[-2::-1], self.lateral[-2::-1],
-                                      self.output[-2::-1]):  # C4, C3, C2
-            top_down = lateral(c) + F.interpolate(top_down, size=c.shape[-2:], mode='nearest')
-            pyramid.insert(0, output(top_down))
+            lateral.append(conv(x))
+        top_down = [lateral[-1]]  # from C5 down: each level plus the one above, upsampled
+        for level in range(len(lateral) - 2, -1, -1):  # C4, C3, C2
+            top_down.insert(0, lateral[level] + F.interpolate(
+                top_down[0], size=lateral[level].shape[-2:], mode='nearest'))
+        pyramid = []  # P2..P5, each sum smoothed by its 3x3 conv
+        for level, conv in enumerate(self.output):
+            pyramid.append(conv(top_down[level]))
         pyramid.append(F.max_pool2d(pyramid[-1], kernel_size=1, stride=2))  # P6
         return pyramid
 
@@ -84,4 +84,4 @@ def build_small(weights=None):
               conv_stage(64, 128, 2), conv_stage(128, 256, 3), conv_stage(256, 256, 2)]
     extractor = FeaturePyramid(stages, (64, 128, 256, 256), channels=64)
     return Backbone(extractor, two_fc(64 * 7 * 7, 256), 64, 256, roi_op='align',
-                    strides=STRIDES, memory_format=torch.contiguous_format)  # as small's
+                    strides=STRIDES)

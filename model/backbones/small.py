@@ -1,6 +1,5 @@
 """A few conv layers (stride 16, 256 channels) and a two-layer classifier: learns the toy
 dataset on a CPU in minutes, from random weights."""
-import torch
 from torch import nn
 
 from model.backbones.base import Backbone
@@ -27,8 +26,5 @@ def build(weights=None):
     extractor = nn.Sequential(*(layer for stage in (
         conv_stage(3, 32, 1), conv_stage(32, 64, 2), conv_stage(64, 128, 2),
         conv_stage(128, 256, 3)) for layer in stage))
-    # fc6 dominates a CPU training step of this model; 256 wide is plenty for a few classes.
-    # NCHW: on a CPU the toy quick start, whose every image has its own size, took 413 s in
-    # channels-last against 347 s in NCHW (oneDNN's per-shape set-up outweighs its gain).
-    return Backbone(extractor, two_fc(256 * 7 * 7, 256), 256, 256,
-                    memory_format=torch.contiguous_format)
+    # 256 wide is plenty for a few classes (fc6 would dominate the model's cost).
+    return Backbone(extractor, two_fc(256 * 7 * 7, 256), 256, 256)

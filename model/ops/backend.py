@@ -2,8 +2,7 @@
 
 Backends: 'cupy' runs our CUDA kernels (nms.cu, roi_pool.cu, roi_align.cu here) through CuPy;
 'torchvision' uses torchvision.ops; 'auto' takes CuPy for CUDA tensors when CuPy imports and
-can launch a kernel on that device, torchvision.ops otherwise (RoI max pooling on the CPU has
-a faster path of its own, see roi_pool.py). CuPy is optional: nothing here
+can launch a kernel on that device, torchvision.ops otherwise. CuPy is optional: nothing here
 imports it until a CUDA tensor asks for it.
 """
 import functools

@@ -1,0 +1,88 @@
+"""Run folders: runs/<name>/ with config.json (every option as used), metrics.jsonl (one JSON
+record per logged step and per evaluation) and the checkpoints. Files are written whole or not
+at all (a temporary file, then a rename), and a new run never takes an old run's folder.
+"""
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def write_atomic(path, text):
+    """Writes text to path through a temporary file and a rename: never half a file."""
+    tmp = Path(f'{path}.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def unique_name(name, taken):
+    """name, with -2, -3, ... appended until it is not in taken (lower case, for
+    case-insensitive filesystems); the result is added to taken."""
+    unique, k = name, 1
+    while unique.lower() in taken:
+        k += 1
+        unique = f'{name}-{k}'
+    taken.add(unique.lower())
+    return unique
+
+
+def new_run_dir(out_dir, run_name, dataset, rank=0):
+    """The folder of a new run: run_name under out_dir (refused if it exists: a new run never
+    overwrites an old one), or <dataset>-<time>, made unique. Only rank 0 checks: the others
+    find the folder rank 0 made."""
+    out_dir = Path(out_dir)
+    if run_name is not None:
+        run_dir = out_dir / run_name
+        if run_dir.exists() and rank == 0:
+            raise ValueError(f'--run-name={run_name}: {run_dir} already exists; continue that '
+                             f'run with --resume={run_dir} or choose another --run-name')
+        return run_dir
+    taken = {path.name.lower() for path in out_dir.iterdir()} if out_dir.is_dir() else set()
+    return out_dir / unique_name(f'{dataset}-{time.strftime("%Y%m%d-%H%M%S")}', taken)
+
+
+def save_config(options, run_dir):
+    """Writes the dict options to run_dir/config.json. A new run folder appears whole, with its
+    config.json, or not at all (it is made under a temporary name and renamed), so --resume
+    can rely on it."""
+    text = json.dumps(options, indent=2)
+    if run_dir.is_dir():
+        write_atomic(run_dir / 'config.json', text)
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{run_dir.name}-', dir=run_dir.parent))
+    (tmp / 'config.json').write_text(text)
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    tmp.rename(run_dir)
+
+
+class RunLog:
+    """The run folder's JSON-lines metrics log (rank 0 only).
+
+    On resume, records after the checkpoint's step are dropped: the steps are run again and
+    would otherwise be logged twice.
+    """
+
+    def __init__(self, path, enabled, resume_step=None):
+        self.path, self.enabled = Path(path), enabled
+        if enabled and resume_step is not None and self.path.is_file():
+            lines = [line for line in self.path.read_text().splitlines()
+                     if _record_step(line) <= resume_step]
+            write_atomic(self.path, ''.join(line + '\n' for line in lines))
+
+    def write(self, **record):
+        if self.enabled:
+            # NaN as null: strict JSON (the AP of a class absent from a split is undefined)
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                      for k, v in record.items()}
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(record, allow_nan=False) + '\n')
+
+
+def _record_step(line):
+    try:
+        return json.loads(line)['step']
+    except (ValueError, KeyError, TypeError):  # a line cut by a kill: drop it
+        return math.inf
