@@ -12,11 +12,9 @@ import dataclasses
 import inspect
 import json
 import os
-import re
 import sys
 import textwrap
 import time
-import typing
 from pathlib import Path
 
 import fire
@@ -27,19 +25,9 @@ from tqdm import tqdm
 import trainer
 from data.dataset import ImageFiles
 from data.util import DataError
-from model.faster_rcnn import PAPER_DEFAULTS
 from model.ops.speed import fast_mixed_precision, keep_freed_memory, mixed_precision
 from utils.checkpoint import load_checkpoint, load_detector
-from utils.config import (
-    CHOICES,
-    DATASET_DEFAULTS,
-    FIXED_ON_RESUME,
-    GROUPS,
-    SOLVER_DEFAULTS,
-    Config,
-    field_kind,
-    option_name,
-)
+from utils.config import FIXED_ON_RESUME, GROUPS, Config, documented, option_help, option_name
 from utils.evaluate import evaluate, format_result, images_per_second
 from utils.run import new_run_dir, unique_name, write_atomic
 from utils.vis_tool import bbox_image
@@ -142,17 +130,16 @@ def detect(load_path: str, *images, out_dir: str = 'detections', preset: str = '
     """
     if not images:
         raise ValueError('detect needs at least one image path')
-    for name, value, least in (('--batch-size', batch_size, 1),
-                               ('--num-workers', num_workers, 0)):
-        if not isinstance(value, int) or value < least:
-            raise ValueError(f'{name}={value!r} must be a whole number >= {least}')
+    if preset not in ('visualize', 'evaluate'):
+        raise ValueError(f'--preset={preset!r} is not valid; choose visualize or evaluate')
+    options = dict(batch_size=batch_size, num_workers=num_workers, amp=amp)
     model, cfg, class_names, category_ids = load_model(
-        load_path, device, **({} if amp is None else {'amp': amp}))
+        load_path, device, **{k: v for k, v in options.items() if v is not None})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, taken = [], set()
-    loader = DataLoader(ImageFiles(images, trainer.size_limits(cfg)), batch_size=batch_size,
-                        num_workers=min(num_workers, len(images)), collate_fn=list)
+    loader = DataLoader(ImageFiles(images, trainer.size_limits(cfg)), cfg.batch_size,
+                        num_workers=min(cfg.num_workers, len(images)), collate_fn=list)
     start = time.perf_counter()
     with (tqdm(total=len(images), desc='detect', disable=None) as bar,
           mixed_precision(next(model.parameters()).device, cfg.amp)):
@@ -185,40 +172,6 @@ def detect(load_path: str, *images, out_dir: str = 'detections', preset: str = '
 
 
 COMMANDS = {'train': train, 'eval': eval, 'detect': detect}
-# Options whose None default is filled in from the dataset, the extractor or the paper.
-DERIVED = {*PAPER_DEFAULTS, *(k for d in (*DATASET_DEFAULTS.values(), *SOLVER_DEFAULTS.values())
-                              for k in d), 'normalization', 'metric'}
-
-
-def documented(obj, section):
-    """{name: text} of the 'section:' list ('Args', 'Attributes') of obj's docstring."""
-    entries, name = {}, None
-    for line in inspect.getdoc(obj).partition(f'{section}:\n')[2].splitlines():
-        match = re.fullmatch(r' {4}(\w+): (.*)', line)
-        if match:
-            name, entries[match[1]] = match[1], match[2]
-        elif line.startswith(' ' * 8) and name:
-            entries[name] += ' ' + line.strip()
-        elif line.strip():
-            break
-    return entries
-
-
-def option_help(name, annotation, default, text):
-    """One option's lines of --help: its spelling with the type of its value, then its text
-    and default, indented."""
-    kind, _ = field_kind(annotation)
-    names = {bool: 'BOOL', int: 'INT', float: 'FLOAT', str: 'STR'}
-    value = ('{' + ','.join(CHOICES[name]) + '}' if name in CHOICES else
-             names[typing.get_args(kind)[0]] + ',...' if typing.get_origin(kind) is tuple
-             else names[kind])
-    if isinstance(default, tuple):
-        default = ','.join(map(str, default))
-    note = (' [required]' if default is inspect.Parameter.empty else
-            ' [default: by dataset and extractor]' if default is None and name in DERIVED else
-            '' if default is None else f' [default: {default}]')
-    return [f'  {option_name(name)}={value}'] + textwrap.wrap(
-        text + note, 96, initial_indent=' ' * 6, subsequent_indent=' ' * 6)
 
 
 def usage(verb):
@@ -236,8 +189,8 @@ def usage(verb):
             lines += option_help(name, parameter.annotation, parameter.default, text)
         return '\n'.join(lines)
     if verb == 'eval':
-        lines += ['\ncheckpoint:'] + option_help('load_path', str, inspect.Parameter.empty,
-                             'the checkpoint (runs/<run>/best.pt)')
+        lines += ['\ncheckpoint:', *option_help('load_path', str, inspect.Parameter.empty,
+                                                'the checkpoint (runs/<run>/best.pt)')]
     for title, classes in GROUPS:
         fields = [(field, documented(cls, 'Attributes')[field.name]) for cls in classes
                   for field in dataclasses.fields(cls)

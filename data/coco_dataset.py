@@ -11,9 +11,6 @@ import math
 import warnings
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-import torch
-
 from data.util import DataError
 from data.voc_dataset import HASH_SPLITS, VOCBboxDataset, _clip, _hash_split, _image_size
 
@@ -114,26 +111,21 @@ class COCOBboxDataset(VOCBboxDataset):
             key = self._guarded(skip_bad, where, _fields, record, where, dict(image_id=image_id))
             if key:
                 records[key[0]][2].append((where, record))
-        stems = {i: PurePosixPath(record['file_name']).stem for i, (_, record, _) in
-                 records.items()}
-        chosen = set(stems.values())
-        chosen = chosen if split == 'all' else set(_hash_split(chosen, split))
-        ids = sorted((i for i in records if stems[i] in chosen),
-                     key=lambda i: records[i][1]['file_name'])
-        labels = {category_id: k for k, category_id in enumerate(self.category_ids)}
+        ids = sorted(records, key=lambda i: records[i][1]['file_name'])
+        if split != 'all':
+            stems = {i: PurePosixPath(records[i][1]['file_name']).stem for i in ids}
+            chosen = set(_hash_split(set(stems.values()), split))
+            ids = [i for i in ids if stems[i] in chosen]
         samples = {i: self._guarded(skip_bad, records[i][0], self._image_sample, image_dir,
-                                    *records[i], names, labels) for i in ids}
-        samples = {i: sample for i, sample in samples.items() if sample is not None}
-        if check_images:
-            samples = self._check_images(samples, {i: records[i][0] for i in samples}, skip_bad)
-        self.ids, self._samples = list(samples), list(samples.values())
+                                    *records[i], names) for i in ids}
+        self._set_samples(samples, {i: records[i][0] for i in ids}, skip_bad, check_images)
         if self.skipped:
             warnings.warn(f'{json_path}: skipped {len(self.skipped)} bad records of split '
                           f'{split!r}', stacklevel=2)
         if not self.ids:
             raise DataError(f'{json_path}: split {split!r} has no images')
 
-    def _image_sample(self, image_dir, where, record, objects, names, labels):
+    def _image_sample(self, image_dir, where, record, objects, names):
         """-> (image path, (H, W), bbox, label, difficult) of an image record and its
         annotations, the boxes clipped to the image."""
         width, height = _fields(record, where, dict(width=POSITIVE, height=POSITIVE))
@@ -150,12 +142,10 @@ class COCOBboxDataset(VOCBboxDataset):
         for where_object, annotation in objects:
             category_id, (x, y, w, h) = _fields(annotation, where_object,
                                                 dict(category_id=known, bbox=BBOX))
-            if category_id not in labels:
+            if category_id not in self.category_ids:
                 raise DataError(f'{where_object}: unknown class name {names[category_id]!r}; '
                                 f'valid: {", ".join(self.class_names)}')
             bbox.append([x, y, x + w, y + h])
-            label.append(labels[category_id])
+            label.append(self.category_ids.index(category_id))
             difficult.append(bool(annotation.get('iscrowd', 0)))
-        bbox, keep = _clip(np.array(bbox, np.float32).reshape(-1, 4), size, where)
-        return (image_path, size) + tuple(torch.from_numpy(a[keep]) for a in (
-            bbox, np.array(label, np.int64), np.array(difficult, bool)))
+        return (image_path, size) + _clip(size, where, bbox, label, difficult)

@@ -59,11 +59,10 @@ class TrainDataset(Dataset):
 def collate_train(batch):
     """TrainDataset samples -> dict: images (N, 3, Hmax, Wmax) zero-padded at bottom/right,
     sizes (N, 2) int64 true (H, W), bboxes and labels lists of (R_i, 4) / (R_i,), scales (N,)."""
-    sizes = torch.tensor([image.shape[1:] for image, _, _, _ in batch], dtype=torch.int64)
-    return dict(images=pad_images([s[0] for s in batch]), sizes=sizes,
-                bboxes=[s[1] for s in batch],
-                labels=[s[2] for s in batch],
-                scales=torch.tensor([s[3] for s in batch], dtype=torch.float32))
+    images, bboxes, labels, scales = (list(column) for column in zip(*batch, strict=True))
+    sizes = torch.tensor([image.shape[1:] for image in images], dtype=torch.int64)
+    return dict(images=pad_images(images), sizes=sizes, bboxes=bboxes, labels=labels,
+                scales=torch.tensor(scales, dtype=torch.float32))
 
 
 class ImageFiles(Dataset):
@@ -140,15 +139,13 @@ def build_bbox_dataset(name, data_dir, split, class_names=None, skip_bad=False,
                              f'(val2017), not {split!r}')
         return COCOBboxDataset(data_dir / 'annotations' / f'instances_{part}.json',
                                data_dir / part, 'all', **options)
-    if name == 'voc07':
-        year_dir = data_dir / 'VOC2007'
-        return VOCBboxDataset(year_dir if year_dir.is_dir() else data_dir, split, **options)
     if name == 'voc0712' and split != 'test':
         return (VOCBboxDataset(data_dir / 'VOC2007', split, **options)
                 + VOCBboxDataset(data_dir / 'VOC2012', split, **options))
-    if name == 'voc0712':  # 07+12 models are tested on VOC2007 test, as in the paper
-        return VOCBboxDataset(data_dir / 'VOC2007', split, **options)
-    return VOCBboxDataset(data_dir, split, **options)  # custom, toy
+    # 07+12 models are tested on VOC2007 test, as in the paper; voc07's data_dir may be VOC2007/
+    if name == 'voc0712' or (name == 'voc07' and (data_dir / 'VOC2007').is_dir()):
+        data_dir = data_dir / 'VOC2007'
+    return VOCBboxDataset(data_dir, split, **options)
 
 
 def usable_indices(bbox_dataset, min_size, max_size, min_side, stride, skip_bad=False):

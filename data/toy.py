@@ -3,11 +3,10 @@ backgrounds. Small enough to train on a CPU in minutes, and read back through VO
 like real data, so the same code path is tested and demonstrated.
 
 Layout: root/Annotations/<id>.xml, root/JPEGImages/<id>.jpg, root/ImageSets/Main/{trainval,
-test}.txt. The same arguments give byte-identical files. write_coco_json writes the same
+test}.txt. The same arguments give byte-identical files. misc/voc_to_coco.py writes the same
 annotations as COCO JSON, so that both formats are tested on the same images.
 """
 import colorsys
-import json
 import os
 import shutil
 import tempfile
@@ -16,8 +15,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from skimage import draw
-
-from data.voc_dataset import VOCBboxDataset
 
 CLASS_NAMES = ('circle', 'square', 'triangle')
 VERSION = 'toy-v2'
@@ -159,30 +156,3 @@ def toy_dataset_dir(cache_dir=None):
     cache_dir = cache_dir or os.environ.get('FRCNN_CACHE') or Path.home() / '.cache' / 'frcnn'
     return make_toy_dataset(Path(cache_dir) / VERSION)
 
-
-def write_coco_json(root, out=None):
-    """Write the annotations of the toy dataset at root as COCO JSON files out/trainval.json
-    and out/test.json (out: root by default), the splits of ImageSets; returns their paths.
-
-    Image ids are the numbers of the VOC ids, category ids 1, 2, 3 the classes in order. bbox
-    is [x_min, y_min, x_max - x_min, y_max - y_min] of VOCBboxDataset's 0-based boxes, so that
-    COCOBboxDataset reads back exactly what VOCBboxDataset reads. A difficult object is
-    iscrowd=1: COCO's tools ignore crowds as ours ignore difficult objects (training drops
-    them, evaluation counts neither a miss nor a false positive on them).
-    """
-    root, out = Path(root), Path(out or root)
-    out.mkdir(parents=True, exist_ok=True)
-    categories = [dict(id=k + 1, name=name) for k, name in enumerate(CLASS_NAMES)]
-    for split in ('trainval', 'test'):
-        voc, images, annotations = VOCBboxDataset(root, split, CLASS_NAMES), [], []
-        for i, image_id in enumerate(map(int, voc.ids)):
-            (height, width), path = voc.image_size(i), Path(os.path.relpath(voc.image_path(i), out))
-            images.append(dict(id=image_id, file_name=path.as_posix(), width=width, height=height))
-            for (x, y, x_max, y_max), k, crowd in zip(*(a.tolist() for a in voc.get_annotation(i))):
-                annotations.append(dict(
-                    id=len(annotations) + 1, image_id=image_id, category_id=k + 1,
-                    bbox=[x, y, x_max - x, y_max - y], area=(x_max - x) * (y_max - y),
-                    iscrowd=int(crowd)))
-        (out / f'{split}.json').write_text(json.dumps(dict(images=images, annotations=annotations,
-                                                           categories=categories)))
-    return {split: out / f'{split}.json' for split in ('trainval', 'test')}

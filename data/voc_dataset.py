@@ -11,6 +11,7 @@ Every folder and file name is matched in any case, as public VOC-format datasets
 exact case wins when both exist. Image files are .jpg, .jpeg or .png in any case. Ids are the
 XML file stems as written on disk.
 """
+import contextlib
 import copy
 import hashlib
 import math
@@ -42,25 +43,21 @@ LAYOUT = ('expected a VOC year folder (Annotations/, JPEGImages/, ImageSets/Main
           'folder and file names in any case')
 
 
-class _Folders:
-    """Case-insensitive lookup of names in folders. Each folder is listed once (one listdir,
-    not an is_file() call per candidate name), so a 16k-image folder indexes in seconds."""
+class _Folders(dict):
+    """Case-insensitive lookup of names in folders: folder -> {lowercase name: [names in that
+    folder, sorted]}. Each folder is listed once, on first use (one listdir, not an is_file()
+    call per candidate name), so a 16k-image folder indexes in seconds."""
 
-    def __init__(self):
-        self._names = {}  # folder -> {lowercase name: [names in that folder, sorted]}
-
-    def _listing(self, folder):
-        if folder not in self._names:
-            names = {}
-            for name in sorted(os.listdir(folder)) if folder.is_dir() else ():
-                names.setdefault(name.lower(), []).append(name)
-            self._names[folder] = names
-        return self._names[folder]
+    def __missing__(self, folder):
+        names = self[folder] = {}
+        for name in sorted(os.listdir(folder)) if folder.is_dir() else ():
+            names.setdefault(name.lower(), []).append(name)
+        return names
 
     def find(self, folder, name):
         """folder/name as on disk: in name's exact case when it exists, else in any case (the
         first in sorted order, so the choice is stable); None when there is none."""
-        names = self._listing(folder).get(name.lower())
+        names = self[folder].get(name.lower())
         if not names:
             return None
         return folder / (name if name in names else names[0])
@@ -74,7 +71,7 @@ class _Folders:
         """{stem: path} of folder's files with extension ('.xml') in any case; of a.xml and
         a.XML, the exact case wins."""
         by_stem = {}
-        for names in self._listing(folder).values():
+        for names in self[folder].values():
             for name in names:
                 stem, suffix = os.path.splitext(name)
                 if suffix == extension or (suffix.lower() == extension and stem not in by_stem):
@@ -130,11 +127,14 @@ def _decodes(path):
     return True
 
 
-def _clip(bbox, size, path):
-    """(R, 4) float32 NumPy boxes clipped to an image of size (H, W), and the (R,) bool mask of
-    those that are not empty. NumPy rather than torch: its overhead on such tiny arrays is a
-    tenth, which is seconds at construction for 16k images."""
+def _clip(size, path, bbox, label, difficult):
+    """Lists of R boxes [x_min, y_min, x_max, y_max], labels and difficult flags -> tensors
+    bbox (R', 4) float32 clipped to an image of size (H, W), label (R',) int64 and difficult
+    (R',) bool, less the boxes that clipping leaves empty. NumPy until then rather than torch:
+    its overhead on such tiny arrays is a tenth, which is seconds at construction for 16k
+    images."""
     height, width = size
+    bbox = np.array(bbox, np.float32).reshape(-1, 4)
     clipped = np.clip(bbox, 0, np.array([width, height, width, height], np.float32))
     for box in bbox[(clipped != bbox).any(1)].tolist():
         warnings.warn(f'{path}: box {box} reaches outside the {width}x{height} image; clipped',
@@ -143,7 +143,8 @@ def _clip(bbox, size, path):
     for box in clipped[~keep].tolist():
         warnings.warn(f'{path}: box {box} is empty (x_max <= x_min or y_max <= y_min); dropped',
                       stacklevel=4)
-    return clipped, keep
+    return tuple(torch.from_numpy(a[keep]) for a in (
+        clipped, np.array(label, np.int64), np.array(difficult, bool)))
 
 
 class VOCBboxDataset:
@@ -175,11 +176,15 @@ class VOCBboxDataset:
             raise DataError(f'{data_dir}: no annotation XML files found; {LAYOUT}')
         ids = self._split_ids(data_dir, split, sorted(xml_paths), folders)
         xml_paths = {i: xml_paths.get(i, ann_dir / f'{i}.xml') for i in set(xml_paths) | set(ids)}
-        is_voc = re.fullmatch(r'VOC20\d\d', data_dir.resolve().name) is not None
-        discover = class_names is None and not is_voc
         self.skipped = []
-        records = self._parse(xml_paths, ids, discover, skip_bad)
-        if discover:
+        records = {i: self._guarded(skip_bad, xml_paths[i], _parse_xml, xml_paths[i]) for i in ids}
+        records = {i: record for i, record in records.items() if record is not None}
+        if class_names is None and not re.fullmatch(r'VOC20\d\d', data_dir.resolve().name):
+            # Discovery reads every split. A bad file of another split is its own split's to
+            # report: it raises without skip_bad and is passed over silently with it.
+            for i in sorted(set(xml_paths) - set(ids)):
+                with contextlib.suppress(DataError if skip_bad else ()):
+                    records[i] = _parse_xml(xml_paths[i])
             class_names = sorted({obj[0] for _, objects in records.values() for obj in objects})
             if not class_names:
                 raise DataError(f'{data_dir}: no objects in any XML file; pass class_names')
@@ -190,10 +195,7 @@ class VOCBboxDataset:
         samples = {i: self._guarded(skip_bad, xml_paths[i], self._sample, xml_paths[i],
                                     records[i], data_dir, image_dirs, folders)
                    for i in ids if i in records}
-        samples = {i: sample for i, sample in samples.items() if sample is not None}
-        if check_images:
-            samples = self._check_images(samples, xml_paths, skip_bad)
-        self.ids, self._samples = list(samples), list(samples.values())
+        self._set_samples(samples, xml_paths, skip_bad, check_images)
         if self.skipped:
             warnings.warn(f'{data_dir}: skipped {len(self.skipped)} bad files of split {split!r}',
                           stacklevel=2)
@@ -211,23 +213,6 @@ class VOCBboxDataset:
             warnings.warn(f'skipping: {e}', stacklevel=3)
             self.skipped.append(xml_path)
             return None
-
-    def _parse(self, xml_paths, ids, discover, skip_bad):
-        """{id: parsed XML} of the split's ids, and with discover of every XML file: class
-        discovery reads all splits. A bad file of another split is its own split's to report:
-        it raises without skip_bad and is passed over silently with it."""
-        records = {}
-        for i in ids:
-            record = self._guarded(skip_bad, xml_paths[i], _parse_xml, xml_paths[i])
-            if record is not None:
-                records[i] = record
-        for i in sorted(set(xml_paths) - set(ids)) if discover else ():
-            try:
-                records[i] = _parse_xml(xml_paths[i])
-            except DataError:
-                if not skip_bad:
-                    raise
-        return records
 
     @staticmethod
     def _split_ids(data_dir, split, all_ids, folders):
@@ -256,12 +241,10 @@ class VOCBboxDataset:
                             f'valid: {", ".join(self.class_names)}')
         image_path = self._find_image(xml_path, filename, data_dir, image_dirs, folders)
         size = _image_size(image_path)
-        bbox = np.array([box for _, box, _ in objects], np.float32).reshape(-1, 4)
-        bbox, keep = _clip(bbox, size, xml_path)
-        label = np.array([self.class_names.index(name) for name, _, _ in objects], np.int64)
-        difficult = np.array([d for _, _, d in objects], bool)
-        return (image_path, size) + tuple(torch.from_numpy(a[keep])
-                                          for a in (bbox, label, difficult))
+        bbox = [box for _, box, _ in objects]
+        label = [self.class_names.index(name) for name, _, _ in objects]
+        difficult = [flag for _, _, flag in objects]
+        return (image_path, size) + _clip(size, xml_path, bbox, label, difficult)
 
     @staticmethod
     def _find_image(xml_path, filename, data_dir, image_dirs, folders):
@@ -272,24 +255,28 @@ class VOCBboxDataset:
         names += [xml_path.stem + ext for ext in IMAGE_EXTENSIONS]  # renamed or no <filename>
         for folder in image_dirs:
             for candidate in dict.fromkeys(names):  # each name once, in order
-                path = folders.find(folder, candidate) if candidate else None
+                path = folders.find(folder, candidate)
                 if path is not None:
                     return path
         raise DataError(f'{xml_path}: image {filename!r} not found next to it or in '
                         f'{data_dir}/{{{",".join(IMAGE_FOLDERS)}}} (names in any case)')
 
-    def _check_images(self, samples, xml_paths, skip_bad):
-        """samples less those whose image does not decode (every pixel: truncated files fail
-        too). Threads, as PIL releases the GIL while decoding: one per core, at most 8."""
-        pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
-        try:
-            futures = {i: pool.submit(_decodes, sample[0]) for i, sample in samples.items()}
-            bar = tqdm(futures.items(), desc='checking images', disable=None, leave=False)
-            good = [i for i, future in bar
-                    if self._guarded(skip_bad, xml_paths[i], future.result) is not None]
-        finally:
-            pool.shutdown(cancel_futures=True)  # on an error, do not decode the rest first
-        return {i: samples[i] for i in good}
+    def _set_samples(self, samples, wheres, skip_bad, check_images):
+        """self.ids and self._samples from samples {id: sample, or None when skipped}: those not
+        skipped, and with check_images only those whose image decodes (every pixel: truncated
+        files fail too), a failure raised or with skip_bad skipped as wheres[id]. Threads
+        decode, as PIL releases the GIL while decoding: one per core, at most 8."""
+        samples = {i: sample for i, sample in samples.items() if sample is not None}
+        if check_images:
+            pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
+            try:
+                futures = {i: pool.submit(_decodes, sample[0]) for i, sample in samples.items()}
+                bar = tqdm(futures.items(), desc='checking images', disable=None, leave=False)
+                samples = {i: samples[i] for i, future in bar
+                           if self._guarded(skip_bad, wheres[i], future.result) is not None}
+            finally:
+                pool.shutdown(cancel_futures=True)  # on an error, do not decode the rest first
+        self.ids, self._samples = list(samples), list(samples.values())
 
     def __add__(self, other):
         """A dataset of the samples of both (VOC07+12 trainval); the classes must agree."""

@@ -58,8 +58,7 @@ def enumerate_shifted_anchors(anchor_base, feat_stride, height, width):
     shift_x = torch.arange(width, device=device, dtype=dtype) * feat_stride  # (W,)
     shift_y, shift_x = torch.meshgrid(shift_y, shift_x, indexing='ij')  # (H, W) each
     shift = torch.stack([shift_x, shift_y, shift_x, shift_y], dim=-1)  # (H, W, 4)
-    shift = shift.reshape(-1, 1, 4)  # (H*W, 1, 4)
-    return (shift + anchor_base[None]).reshape(-1, 4)  # (H*W*A, 4)
+    return (shift[:, :, None] + anchor_base).reshape(-1, 4)  # (H, W, A, 4) -> (H*W*A, 4)
 
 
 def _centre_size(bbox):

@@ -92,8 +92,7 @@ class FasterRCNN(nn.Module):
     def n_class(self):
         return self.head.n_class
 
-    def forward(self, images, img_sizes, scales, gt_bboxes=None, gt_labels=None,
-                generator=None):
+    def forward(self, images, img_sizes, scales, gt_bboxes=None, gt_labels=None, generator=None):
         """The figure: features, proposals, and the head's scores and locs for each proposal;
         with ground truth, the four losses instead.
 
@@ -130,15 +129,14 @@ class FasterRCNN(nn.Module):
         """Training targets of the batch: for the RPN, every anchor of every image, (N*K, 4)
         locs and (N*K,) labels; for the head, S sampled RoIs (S, 4), their images (S,), locs
         (S, 4) and labels (S,). See targets.py."""
-        rpn_targets, roi_targets = [], []
+        targets = []  # per image: the six targets in the order returned
         for i, (gt_bbox, gt_label) in enumerate(zip(gt_bboxes, gt_labels, strict=True)):
-            rpn_targets.append(self.anchor_target_creator(gt_bbox, anchor, img_sizes[i],
-                                                          generator))
+            rpn_loc, rpn_label = self.anchor_target_creator(gt_bbox, anchor, img_sizes[i],
+                                                            generator)
             roi, loc, label = self.proposal_target_creator(rois[roi_indices == i], gt_bbox,
                                                            gt_label, generator)
-            roi_targets.append((roi, torch.full_like(label, i), loc, label))
-        gt_rpn_locs, gt_rpn_labels = (torch.cat(column) for column in zip(*rpn_targets))
-        return gt_rpn_locs, gt_rpn_labels, *(torch.cat(column) for column in zip(*roi_targets))
+            targets.append((rpn_loc, rpn_label, roi, torch.full_like(label, i), loc, label))
+        return tuple(torch.cat(column) for column in zip(*targets))
 
     @torch.no_grad()
     def predict(self, images, sizes=None, preset='evaluate', **overrides):
@@ -178,11 +176,9 @@ class FasterRCNN(nn.Module):
         loc = roi_cls_locs.view(n_roi, n_class, 4)[:, 1:] * self.loc_normalize_std  # (R, C-1, 4)
         bbox = loc2bbox(rois[:, None].expand_as(loc).reshape(-1, 4), loc.reshape(-1, 4))
         prob = F.softmax(roi_scores, dim=1)[:, 1:].reshape(-1)  # (R*(C-1),), background dropped
-        label = torch.arange(n_fg, device=prob.device).repeat(n_roi)  # (R*(C-1),)
-        image = roi_indices.repeat_interleave(n_fg)  # (R*(C-1),)
 
-        keep = prob > score_thresh
-        bbox, prob, label, image = bbox[keep], prob[keep], label[keep], image[keep]
+        keep = (prob > score_thresh).nonzero()[:, 0]  # (K,) each RoI * (C-1) + its class
+        bbox, prob, label, image = bbox[keep], prob[keep], keep % n_fg, roi_indices[keep // n_fg]
         for i, (input_size, orig_size) in enumerate(zip(input_sizes, orig_sizes)):
             mine = image == i
             bbox[mine] = resize_bbox(clip_boxes_to_image(bbox[mine], input_size), input_size,
@@ -190,13 +186,9 @@ class FasterRCNN(nn.Module):
         # Class-wise NMS for all images in one call: each (image, class) pair is its own group.
         kept = batched_non_maximum_suppression(bbox, prob, image * n_fg + label, nms_thresh,
                                                backend=self.backend)  # highest score first
-        bboxes, labels, scores = [], [], []
-        for i in range(len(input_sizes)):
-            mine = kept[image[kept] == i][:max_per_image]
-            bboxes.append(bbox[mine])
-            labels.append(label[mine])
-            scores.append(prob[mine])
-        return bboxes, labels, scores
+        per_image = [kept[image[kept] == i][:max_per_image] for i in range(len(input_sizes))]
+        return ([bbox[mine] for mine in per_image], [label[mine] for mine in per_image],
+                [prob[mine] for mine in per_image])
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """As nn.Module's, with a clear error when the class counts differ."""

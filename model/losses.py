@@ -27,8 +27,8 @@ def smooth_l1_loss(pred, target, label, sigma):
     sigma2 = sigma ** 2
     diff = (pred.float() - target) * (label > 0)[:, None]
     abs_diff = diff.abs()
-    quadratic = abs_diff < 1 / sigma2
-    loss = torch.where(quadratic, 0.5 * sigma2 * diff ** 2, abs_diff - 0.5 / sigma2)
+    # quadratic below |x| = 1 / sigma**2, linear above
+    loss = torch.where(abs_diff < 1 / sigma2, 0.5 * sigma2 * diff ** 2, abs_diff - 0.5 / sigma2)
     return loss.sum() / (label >= 0).sum().clamp(min=1)
 
 

@@ -33,9 +33,7 @@ class RoIHead(nn.Module):
 
     def __init__(self, n_class, pool, classifier, n_features):
         super().__init__()
-        self.n_class = n_class
-        self.pool = pool
-        self.classifier = classifier
+        self.n_class, self.pool, self.classifier = n_class, pool, classifier
         self.cls_loc = nn.Linear(n_features, n_class * 4)
         self.score = nn.Linear(n_features, n_class)
         # The Caffe model's initialisation: the box regressor starts 10x smaller than the

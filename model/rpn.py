@@ -50,8 +50,7 @@ class ProposalCreator:
         self.n_train_pre_nms, self.n_train_post_nms = n_train_pre_nms, n_train_post_nms
         self.n_test_pre_nms, self.n_test_post_nms = n_test_pre_nms, n_test_post_nms
 
-    def __call__(self, loc, score, anchor, img_size, scale=1.0, training=False,
-                 n_per_level=None):
+    def __call__(self, loc, score, anchor, img_size, scale=1.0, training=False, n_per_level=None):
         """Proposals for one image. Host syncs: the size filter and NMS (data-dependent R).
 
         Args:
@@ -70,18 +69,14 @@ class ProposalCreator:
         n_pre_nms, n_post_nms = ((self.n_train_pre_nms, self.n_train_post_nms) if training
                                  else (self.n_test_pre_nms, self.n_test_post_nms))
         n_per_level = n_per_level or [len(score)]
-        picked, level = [], []
-        for i, (level_score, start) in enumerate(zip(score.split(n_per_level),
-                                                     [0, *accumulate(n_per_level)])):
-            top = level_score.topk(min(n_pre_nms, len(level_score))).indices + start
-            picked.append(top)
-            level.append(torch.full_like(top, i))
-        picked, level = torch.cat(picked), torch.cat(level)  # (K',) each
+        starts = [0, *accumulate(n_per_level)]  # of each level's anchors in score
+        tops = [level_score.topk(min(n_pre_nms, len(level_score))).indices + start
+                for level_score, start in zip(score.split(n_per_level), starts)]
+        level = torch.cat([torch.full_like(top, i) for i, top in enumerate(tops)])  # (K',)
+        picked = torch.cat(tops)  # (K',) anchor indices, level by level
         roi = clip_boxes_to_image(loc2bbox(anchor[picked], loc[picked].detach()), img_size)
-        width, height = roi[:, 2] - roi[:, 0], roi[:, 3] - roi[:, 1]
-        min_size = self.min_size * scale
-        keep = ((width >= min_size) & (height >= min_size)
-                & (width > 0) & (height > 0)).nonzero()[:, 0]  # host sync
+        side = torch.minimum(roi[:, 2] - roi[:, 0], roi[:, 3] - roi[:, 1])  # (K',) shorter sides
+        keep = ((side >= self.min_size * scale) & (side > 0)).nonzero()[:, 0]  # host sync
         roi, score, level = roi[keep], score.detach()[picked[keep]], level[keep]
         keep = batched_non_maximum_suppression(roi, score, level, self.nms_thresh,
                                                backend=self.backend)  # highest score first
@@ -102,11 +97,9 @@ class RegionProposalNetwork(nn.Module):
 
     def __init__(self, in_channels, mid_channels, anchor_bases, strides, proposal_creator):
         super().__init__()
-        anchor_base = torch.stack(anchor_bases)  # (L, A, 4)
-        self.register_buffer('anchor_base', anchor_base, persistent=False)
-        self.strides = tuple(strides)
-        self.proposal_creator = proposal_creator
-        n_anchor = anchor_base.shape[1]
+        self.register_buffer('anchor_base', torch.stack(anchor_bases), persistent=False)
+        self.strides, self.proposal_creator = tuple(strides), proposal_creator
+        n_anchor = self.anchor_base.shape[1]  # anchor_base: (L, A, 4)
         self.conv1 = nn.Conv2d(in_channels, mid_channels, 3, 1, 1)
         self.score = nn.Conv2d(mid_channels, n_anchor * 2, 1)
         self.loc = nn.Conv2d(mid_channels, n_anchor * 4, 1)
@@ -143,12 +136,10 @@ class RegionProposalNetwork(nn.Module):
         anchor = torch.cat(anchors)  # (K, 4)
         # Proposals are not differentiated through; float32 under mixed precision.
         fg_prob = F.softmax(rpn_scores.detach().float(), dim=2)[..., 1]  # (N, K)
-        rois, roi_indices = [], []
-        for i in range(n):
-            roi = self.proposal_creator(rpn_locs[i].detach().float(), fg_prob[i], anchor,
-                                        img_sizes[i], scales[i], self.training,
-                                        [len(a) for a in anchors])
-            rois.append(roi)
-            roi_indices.append(torch.full((len(roi),), i, dtype=torch.int64,
-                                          device=rpn_locs.device))
-        return rpn_locs, rpn_scores, torch.cat(rois), torch.cat(roi_indices), anchor
+        n_per_level = [len(a) for a in anchors]
+        rois = [self.proposal_creator(rpn_locs[i].detach().float(), fg_prob[i], anchor,
+                                      img_sizes[i], scales[i], self.training, n_per_level)
+                for i in range(n)]
+        roi_indices = torch.cat([roi.new_full((len(roi),), i, dtype=torch.int64)
+                                 for i, roi in enumerate(rois)])  # (R,) image of each RoI
+        return rpn_locs, rpn_scores, torch.cat(rois), roi_indices, anchor

@@ -102,8 +102,7 @@ class AnchorTargetCreator:
         pos = inside & ((max_iou >= self.pos_iou_thresh) | gt_best)
         neg = inside & (max_iou < self.neg_iou_thresh) & ~pos  # a gt's best anchor stays positive
         pos, neg = sample(pos, neg, self.n_sample, self.pos_ratio, generator)
-        label = torch.full((len(anchor),), -1, dtype=torch.int64, device=anchor.device)
-        label = torch.where(neg, 0, torch.where(pos, 1, label))
+        label = torch.where(pos, 1, torch.where(neg, 0, -1))  # (K,) int64
         return encode(anchor, matched_gt, pos), label
 
 

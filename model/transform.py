@@ -61,9 +61,8 @@ def resize_image(img, min_size, max_size):
     downscaling does not alias.
     """
     size, scale = resized_size(img.shape[1:], min_size, max_size)
-    img = F.interpolate(img[None], size=size, mode='bilinear', align_corners=False,
-                        antialias=True)[0]
-    return img, scale
+    img = F.interpolate(img[None], size=size, mode='bilinear', align_corners=False, antialias=True)
+    return img[0], scale  # (3, H', W')
 
 
 def resize_bbox(bbox, in_size, out_size):
@@ -98,8 +97,7 @@ class ImageTransform:
     def __call__(self, images):
         """A list of (3, H_i, W_i) RGB 0..255 images -> the (N, 3, H, W) normalised, padded
         batch, N (height, width) sizes after resizing, and N scale factors."""
-        resized, scales = zip(*(resize_image(img, self.min_size, self.max_size)
-                                for img in images))
+        resized, scales = zip(*(resize_image(img, self.min_size, self.max_size) for img in images))
         sizes = [tuple(img.shape[1:]) for img in resized]
         # Normalise, then pad: padding is 0 after normalisation, as in training (the mean colour).
         batch = pad_images([normalize(img, self.normalization) for img in resized])

@@ -7,9 +7,10 @@ from PIL import Image
 
 from data.coco_dataset import COCOBboxDataset
 from data.dataset import build_bbox_dataset
-from data.toy import make_toy_dataset, write_coco_json
+from data.toy import make_toy_dataset
 from data.util import DataError
 from data.voc_dataset import VOCBboxDataset, _hash_split
+from misc.voc_to_coco import write_coco_json
 
 CATEGORIES = [{'id': 90, 'name': 'zebra'}, {'id': 1, 'name': 'person'}, {'id': 5, 'name': 'car'}]
 

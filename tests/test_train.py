@@ -151,7 +151,7 @@ def test_detect_in_batches_with_workers_finds_what_one_by_one_finds(trained_run,
         for label, bbox in confident:
             assert any(d['label'] == label and max(abs(a - b) for a, b in zip(d['bbox'], bbox))
                        < 2 for d in batched['detections'])
-    with pytest.raises(ValueError, match='--batch-size=0 must be a whole number >= 1'):
+    with pytest.raises(ValueError, match='--batch-size must be positive, got 0'):
         detect(str(trained_run / 'best.pt'), images[0], batch_size=0)
 
 
@@ -250,7 +250,8 @@ def test_quick_start_trains_the_toy_dataset_to_map_09(tmp_path, monkeypatch):
 def test_toy_dataset_as_coco_json_reaches_ap50_085(tmp_path, monkeypatch):
     """README's COCO-format toy run: the quick start's images and model as COCO JSON, scored
     with COCO AP; AP50 >= 0.85 (0.966 measured)."""
-    from data.toy import toy_dataset_dir, write_coco_json
+    from data.toy import toy_dataset_dir
+    from misc.voc_to_coco import write_coco_json
     monkeypatch.setenv('FRCNN_CACHE', str(tmp_path / 'cache'))
     files = write_coco_json(toy_dataset_dir(), tmp_path / 'json')
     train(dataset='coco', coco_json=str(files['trainval']), coco_test_json=str(files['test']),

@@ -34,12 +34,11 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
         os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if not isinstance(e, (OSError, RuntimeError)):
-            raise  # e.g. KeyboardInterrupt: the old checkpoint is intact, nothing to explain
+    except (OSError, RuntimeError) as e:  # others, e.g. KeyboardInterrupt, need no explaining
         reason = 'no space left on device' if getattr(e, 'errno', None) == errno.ENOSPC else e
         raise CheckpointError(f'cannot write checkpoint {path}: {reason}') from e
+    finally:
+        tmp.unlink(missing_ok=True)  # renamed away, or half written: the old file is intact
 
 
 def load_checkpoint(path, map_location='cpu', required=('model', 'class_names')):

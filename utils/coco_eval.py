@@ -14,7 +14,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.eval_tool import _n_class, _to_numpy
+from utils.eval_tool import _per_image
 
 # The six AP rows of COCOeval's 12-line summary, in the order of COCOeval.stats.
 COCO_AP_KEYS = ('ap', 'ap50', 'ap75', 'ap_small', 'ap_medium', 'ap_large')
@@ -45,21 +45,15 @@ def eval_detection_coco(pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_lab
         With no detections at all, every AP is 0 where there is ground truth and NaN elsewhere,
         as COCOeval gives for an empty result set (loadRes refuses one; an empty COCO stands in).
     """
-    n_image = len(gt_bboxes)
-    optional = [[None] * n_image if values is None else values
-                for values in (gt_difficults, image_sizes, gt_areas)]
-    inputs = (pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_labels, *optional)
-    if any(len(values) != n_image for values in inputs):
-        raise ValueError('eval_detection_coco needs one entry per image in each list; got '
-                         f'lengths {[len(values) for values in inputs]}')
-    images = [_to_numpy(*image) for image in zip(*inputs[:6], strict=True)]
-    n_class = _n_class(images) if n_class is None else n_class
+    images, n_class = _per_image('eval_detection_coco', (
+        pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_labels), (
+        gt_difficults, image_sizes, gt_areas), n_class)
 
     dataset = {'images': [], 'annotations': [],
                'categories': [{'id': cls + 1, 'name': str(cls)} for cls in range(n_class)]}
     results = []
-    for image_id, (image, size, area) in enumerate(zip(images, *optional[1:], strict=True), 1):
-        bbox, label, score, gt_bbox, gt_label, gt_difficult = image
+    for image_id, image in enumerate(images, 1):
+        bbox, label, score, gt_bbox, gt_label, gt_difficult, size, area = image
         xywh, gt_xywh = (np.hstack((box[:, :2], box[:, 2:] - box[:, :2]))  # (R, 4), (G, 4)
                          for box in (bbox, gt_bbox))  # x y w h, COCO's box
         # COCO's size ranges read 'area'; official annotations carry the mask's (see gt_areas).

@@ -15,15 +15,18 @@ option and the value.
 """
 import dataclasses
 import difflib
+import inspect
 import math
 import os
+import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass
 
 from data.dataset import DATASETS
 from model.backbones import BACKBONES
-from model.faster_rcnn import EXTRACTOR_DEFAULTS, ModelOptions
+from model.faster_rcnn import EXTRACTOR_DEFAULTS, PAPER_DEFAULTS, ModelOptions
 from model.ops import BACKENDS
 from model.transform import NORMALIZATION
 
@@ -38,13 +41,12 @@ DATASET_DEFAULTS = {
 # (lr 1e-3 at batch 1, weight decay 1e-4 and 4e-5, biases at the weights' lr). FPN:
 # torchvision's (Detectron's, mmdetection's 1x): lr 0.02 for 16 images, scaled by the batch.
 CAFFE_SOLVER = dict(lr=1e-3, weight_decay=5e-4, double_bias=True, lr_scaling='none')
-FPN_SOLVER = dict(lr=0.00125, lr_scaling='linear', weight_decay=1e-4, double_bias=False)
+TF_SOLVER = dict(lr=1e-3, weight_decay=1e-4, double_bias=False, lr_scaling='none')
+FPN_SOLVER = dict(lr=0.00125, weight_decay=1e-4, double_bias=False, lr_scaling='linear')
 SOLVER_DEFAULTS = {
     'vgg16': CAFFE_SOLVER, 'small': {**CAFFE_SOLVER, 'lr': 0.01},
-    'small_fpn': {**CAFFE_SOLVER, 'lr': 0.01},
-    'resnet50': dict(lr=1e-3, weight_decay=1e-4, double_bias=False, lr_scaling='none'),
-    'resnet101': dict(lr=1e-3, weight_decay=1e-4, double_bias=False, lr_scaling='none'),
-    'mobilenet_v3': dict(lr=1e-3, weight_decay=4e-5, double_bias=False, lr_scaling='none'),
+    'small_fpn': {**CAFFE_SOLVER, 'lr': 0.01}, 'resnet50': TF_SOLVER, 'resnet101': TF_SOLVER,
+    'mobilenet_v3': {**TF_SOLVER, 'weight_decay': 4e-5},
     'resnet50_fpn': FPN_SOLVER, 'resnet101_fpn': FPN_SOLVER,
 }
 # Held out of the training split for the per-epoch mAP: this fraction of it, at most the cap.
@@ -133,6 +135,42 @@ def _coerce(name, annotation, value):
             raise ValueError(f'{option_name(name)} needs at least one value')
         return tuple(_scalar(name, item, v) for v in values)
     return _scalar(name, kind, value)
+
+
+# Options whose None default is filled in from the dataset, the extractor or the paper.
+DERIVED = {*PAPER_DEFAULTS, *(k for d in (*DATASET_DEFAULTS.values(), *SOLVER_DEFAULTS.values())
+                              for k in d), 'normalization', 'metric'}
+
+
+def documented(obj, section):
+    """{name: text} of the 'section:' list ('Args', 'Attributes') of obj's docstring."""
+    entries, name = {}, None
+    for line in inspect.getdoc(obj).partition(f'{section}:\n')[2].splitlines():
+        match = re.fullmatch(r' {4}(\w+): (.*)', line)
+        if match:
+            name, entries[match[1]] = match[1], match[2]
+        elif line.startswith(' ' * 8) and name:
+            entries[name] += ' ' + line.strip()
+        elif line.strip():
+            break
+    return entries
+
+
+def option_help(name, annotation, default, text):
+    """One option's lines of --help: its spelling with the type of its value, then its text
+    and default, indented."""
+    kind, _ = field_kind(annotation)
+    names = {bool: 'BOOL', int: 'INT', float: 'FLOAT', str: 'STR'}
+    value = ('{' + ','.join(CHOICES[name]) + '}' if name in CHOICES else
+             names[typing.get_args(kind)[0]] + ',...' if typing.get_origin(kind) is tuple
+             else names[kind])
+    if isinstance(default, tuple):
+        default = ','.join(map(str, default))
+    note = (' [required]' if default is inspect.Parameter.empty else
+            ' [default: by dataset and extractor]' if default is None and name in DERIVED else
+            '' if default is None else f' [default: {default}]')
+    return [f'  {option_name(name)}={value}'] + textwrap.wrap(
+        text + note, 96, initial_indent=' ' * 6, subsequent_indent=' ' * 6)
 
 
 @dataclass

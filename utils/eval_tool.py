@@ -40,15 +40,8 @@ def eval_detection_voc(pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_labe
         dict with 'ap': (n_class,) float64, NaN for a class without non-difficult ground truth,
         and 'map': float, the mean over classes that are not NaN.
     """
-    n_image = len(gt_bboxes)
-    if gt_difficults is None:
-        gt_difficults = [None] * n_image
-    inputs = (pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_labels, gt_difficults)
-    if any(len(values) != n_image for values in inputs):
-        raise ValueError('eval_detection_voc needs one entry per image in each list; got lengths '
-                         f'{[len(values) for values in inputs]}')
-    images = [_to_numpy(*image) for image in zip(*inputs, strict=True)]
-    n_class = _n_class(images) if n_class is None else n_class
+    images, n_class = _per_image('eval_detection_voc', (
+        pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_labels), (gt_difficults,), n_class)
 
     n_pos = np.zeros(n_class, np.int64)
     scores, matches = [[] for _ in range(n_class)], [[] for _ in range(n_class)]
@@ -103,8 +96,8 @@ def _iou(bbox_a, bbox_b, offset):
     top_left = np.maximum(bbox_a[:, None, :2], bbox_b[None, :, :2])  # (N, K, 2)
     bottom_right = np.minimum(bbox_a[:, None, 2:], bbox_b[None, :, 2:])  # (N, K, 2)
     inter = np.prod(np.clip(bottom_right - top_left + offset, 0, None), axis=2)  # (N, K)
-    area_a = np.prod(bbox_a[:, 2:] - bbox_a[:, :2] + offset, axis=1)
-    area_b = np.prod(bbox_b[:, 2:] - bbox_b[:, :2] + offset, axis=1)
+    area_a, area_b = (np.prod(bbox[:, 2:] - bbox[:, :2] + offset, axis=1)  # (N,), (K,)
+                      for bbox in (bbox_a, bbox_b))
     union = area_a[:, None] + area_b[None, :] - inter
     # Like the devkit, only boxes that intersect get an IoU (also avoids 0 / 0 for empty boxes).
     return np.divide(inter, union, out=np.zeros_like(inter), where=inter > 0)
@@ -112,8 +105,8 @@ def _iou(bbox_a, bbox_b, offset):
 
 def _ap_07(precision, recall):
     """VOC2007: mean over 11 recall thresholds of the best precision at recall >= threshold."""
-    return float(np.mean([precision[recall >= t].max() if np.any(recall >= t) else 0.0
-                          for t in VOC07_RECALL_THRESHOLDS]))
+    # initial=0: 0 where no recall reaches the threshold; precision >= 0 changes no other max.
+    return float(np.mean([precision[recall >= t].max(initial=0) for t in VOC07_RECALL_THRESHOLDS]))
 
 
 def _ap_area(precision, recall):
@@ -128,23 +121,32 @@ def _ap_area(precision, recall):
 def format_ap_table(ap, class_names, map_value):
     """Text table: one line per class with its AP, then the mAP; NaN (no ground truth) as 'n/a'."""
     width = max(len(name) for name in (*class_names, 'mAP'))
-    rows = [*zip(class_names, ap, strict=True), ('mAP', map_value)]
     return '\n'.join([f'{"class":<{width}}  AP'] + [
         f'{name:<{width}}  {"n/a" if np.isnan(value) else f"{value:.4f}"}'
-        for name, value in rows])
+        for name, value in [*zip(class_names, ap, strict=True), ('mAP', map_value)]])
 
 
-def _n_class(images):
-    """Foreground classes of _to_numpy'd images: the largest label, predicted or true, + 1."""
-    return 1 + max((int(labels.max()) for image in images for labels in (image[1], image[4])
-                    if len(labels)), default=-1)
+def _per_image(function, required, optional, n_class):
+    """The per-image lists of `function`'s arguments, zipped into one tuple per image: required
+    (pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_labels), then optional (gt_difficults,
+    then any others; a None list stands for None in every image), the first six as _to_numpy
+    gives them. Also n_class, where None infers the largest label, predicted or true, + 1."""
+    n_image = len(required[3])
+    inputs = (*required, *([None] * n_image if values is None else values for values in optional))
+    if any(len(values) != n_image for values in inputs):
+        raise ValueError(f'{function} needs one entry per image in each list; got lengths '
+                         f'{[len(values) for values in inputs]}')
+    images = [(*_to_numpy(*image[:6]), *image[6:]) for image in zip(*inputs, strict=True)]
+    if n_class is None:
+        n_class = 1 + max((int(labels.max()) for image in images for labels in (image[1], image[4])
+                           if len(labels)), default=-1)
+    return images, n_class
 
 
 def _to_numpy(bbox, label, score, gt_bbox, gt_label, gt_difficult):
     """One image's inputs as float64 / int64 / bool numpy arrays; difficult None -> all False."""
     def array(values, dtype):
-        if isinstance(values, torch.Tensor):
-            values = values.detach().cpu().numpy()
+        values = values.numpy(force=True) if isinstance(values, torch.Tensor) else values
         return np.asarray(values, dtype=dtype).reshape(-1)
 
     gt_label = array(gt_label, np.int64)

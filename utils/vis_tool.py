@@ -3,6 +3,7 @@
 Images are (3, H, W) RGB in 0..255 (numpy arrays or torch tensors); boxes are (R, 4) x_min y_min
 x_max y_max in the image's continuous pixel coordinates; labels are 0..n_fg-1.
 """
+import contextlib
 import logging
 import socket
 import warnings
@@ -56,8 +57,7 @@ def vis_bbox(img, bbox, label=None, score=None, class_names=None, ax=None):
         if caption:
             ax.text(x_min, y_min, ': '.join(caption), style='italic', va='bottom',
                     bbox={'facecolor': 'white', 'alpha': 0.5, 'pad': 0})
-    ax.set_xlim(0, width)
-    ax.set_ylim(height, 0)
+    ax.set(xlim=(0, width), ylim=(height, 0))
     return ax
 
 
@@ -90,18 +90,17 @@ class Visualizer:
             return
         # visdom's client logs setup chatter (through the deprecated logger.warn) and prints
         # tracebacks when no server is there; a plain socket connect first and a quiet client
-        # keep that to our one line.
-        if _port_open(urlparse(server).hostname or server, port):
+        # keep that to our one line. Suppressed: nothing listens there (OSError), or something
+        # answers that is not visdom.
+        host = urlparse(server).hostname or server
+        with contextlib.suppress(Exception):
+            socket.create_connection((host, port), timeout=1.0).close()
             logging.getLogger('visdom').setLevel(logging.ERROR)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter('ignore', DeprecationWarning)
-                    client = _Client(server=server, port=port, env=env, raise_exceptions=True,
-                                     use_incoming_socket=False)
-                if client.check_connection():
-                    self._client = client
-            except Exception:  # something answers there, but not visdom
-                pass
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', DeprecationWarning)
+                client = _Client(server=server, port=port, env=env, raise_exceptions=True,
+                                 use_incoming_socket=False)
+            self._client = client if client.check_connection() else None
         if self._client is None:
             warnings.warn(f'visdom server not reachable at {server}:{port}; plots are off '
                           f'(start one with: python -m visdom.server -port {port})', stacklevel=2)
@@ -114,17 +113,12 @@ class Visualizer:
     def plot(self, name, y, x):
         """Append the point (x, y) to the line plot `name` (a new plot on its first call)."""
         self._call('line', Y=np.array([float(y)]), X=np.array([float(x)]), win=name,
-                   opts={'title': name}, update='append' if self._seen(name) else None)
+                   opts={'title': name}, update='append' if name in self._windows else None)
+        self._windows.add(name)
 
     def img(self, name, img):
         """Show a (3, H, W) uint8 RGB image in the window `name`."""
         self._call('image', _numpy(img), win=name, opts={'title': name})
-
-    def _seen(self, win):
-        """Whether this run already wrote to `win`; marks it as written."""
-        seen = win in self._windows
-        self._windows.add(win)
-        return seen
 
     def _call(self, method, *args, **kwargs):
         if self._client is None:
@@ -149,15 +143,5 @@ class _Client(visdom.Visdom):
         return {'true': True, 'false': False}.get(self._win_exists_wrap(win, env))
 
 
-def _port_open(host, port):
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 def _numpy(values):
-    if isinstance(values, torch.Tensor):
-        return values.detach().cpu().numpy()
-    return np.asarray(values)
+    return values.numpy(force=True) if isinstance(values, torch.Tensor) else np.asarray(values)

@@ -25,8 +25,7 @@ class Backbone(NamedTuple):
 def freeze(*modules):
     """No gradient for the modules' parameters: the pre-trained layers training leaves fixed."""
     for module in modules:
-        for p in module.parameters():
-            p.requires_grad_(False)
+        module.requires_grad_(False)
 
 
 def load_pretrained(model, weights, name, skip=()):

@@ -9,12 +9,11 @@ The builders give torchvision's fasterrcnn_resnet50_fpn layout (whose weights
 misc/convert_torchvision_fpn.py maps onto ours): ResNet stem and conv2 fixed, BatchNorm frozen
 as in resnet.py, Kaiming-uniform (a=1) lateral and output convs with zero bias.
 """
-import torchvision
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from model.backbones.base import Backbone, freeze, load_pretrained
+from model.backbones.base import Backbone
+from model.backbones.resnet import load_resnet
 from model.backbones.small import conv_stage, two_fc
 
 STRIDES = (4, 8, 16, 32, 64)  # P2..P6
@@ -63,15 +62,9 @@ class FeaturePyramid(nn.Module):
 
 def build_resnet(depth, weights=None):
     """ResNet-50 / 101 FPN; weights: torchvision's ResNet state dict file or 'imagenet'."""
-    name = f'resnet{depth}'
-    net = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d,
-                                            zero_init_residual=True)  # see resnet.py
-    if weights is not None:
-        load_pretrained(net, weights, name, skip=('fc.',))
-    freeze(net.conv1, net.layer1)
+    net = load_resnet(depth, weights)
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
-    extractor = FeaturePyramid([stem, net.layer2, net.layer3, net.layer4],
-                               (256, 512, 1024, 2048))
+    extractor = FeaturePyramid([stem, net.layer2, net.layer3, net.layer4], (256, 512, 1024, 2048))
     return Backbone(extractor, two_fc(256 * 7 * 7, 1024), 256, 1024, roi_op='align',
                     strides=STRIDES)
 
@@ -83,5 +76,4 @@ def build_small(weights=None):
     stages = [nn.Sequential(conv_stage(3, 32, 1), conv_stage(32, 64, 2)),
               conv_stage(64, 128, 2), conv_stage(128, 256, 3), conv_stage(256, 256, 2)]
     extractor = FeaturePyramid(stages, (64, 128, 256, 256), channels=64)
-    return Backbone(extractor, two_fc(64 * 7 * 7, 256), 64, 256, roi_op='align',
-                    strides=STRIDES)
+    return Backbone(extractor, two_fc(64 * 7 * 7, 256), 64, 256, roi_op='align', strides=STRIDES)

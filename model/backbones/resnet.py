@@ -12,8 +12,10 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from model.backbones.base import Backbone, freeze, load_pretrained
 
 
-def build(depth, weights=None):
-    """depth: 50 or 101; weights: torchvision's ResNet state dict file or 'imagenet'."""
+def load_resnet(depth, weights=None):
+    """torchvision's ResNet-`depth` (50 or 101) with frozen BatchNorm, its stem and conv2
+    (layer1) fixed; weights: torchvision's ResNet state dict file or 'imagenet'. The C4 and the
+    FPN (fpn.py) backbones both start from it."""
     name = f'resnet{depth}'
     # Frozen BatchNorm normalises nothing: from random weights, residual branches that start
     # at zero (Goyal et al. 2017) keep the activations finite; pre-trained weights replace them.
@@ -21,9 +23,15 @@ def build(depth, weights=None):
                                             zero_init_residual=True)
     if weights is not None:
         load_pretrained(net, weights, name, skip=('fc.',))
+    freeze(net.conv1, net.layer1)
+    return net
+
+
+def build(depth, weights=None):
+    """depth: 50 or 101; weights: torchvision's ResNet state dict file or 'imagenet'."""
+    net = load_resnet(depth, weights)
     extractor = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2,
                               net.layer3)
-    freeze(net.conv1, net.layer1)
     classifier = nn.Sequential(nn.Unflatten(1, (1024, 14, 14)), net.layer4,
                                nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (R, 2048)
     return Backbone(extractor, classifier, 1024, 2048, roi_op='align', roi_size=14)

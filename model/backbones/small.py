@@ -23,8 +23,7 @@ def two_fc(in_features, features):
 def build(weights=None):
     if weights is not None:
         raise ValueError('the small backbone has no pre-trained weights')
-    extractor = nn.Sequential(*(layer for stage in (
-        conv_stage(3, 32, 1), conv_stage(32, 64, 2), conv_stage(64, 128, 2),
-        conv_stage(128, 256, 3)) for layer in stage))
+    extractor = nn.Sequential(*conv_stage(3, 32, 1), *conv_stage(32, 64, 2),
+                              *conv_stage(64, 128, 2), *conv_stage(128, 256, 3))
     # 256 wide is plenty for a few classes (fc6 would dominate the model's cost).
     return Backbone(extractor, two_fc(256 * 7 * 7, 256), 256, 256)

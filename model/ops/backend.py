@@ -50,6 +50,20 @@ def use_cupy(tensor, backend='auto'):
     return error is None
 
 
+def pool_rois(x, rois, backend, cupy_op, torchvision_op):
+    """RoIPool's and RoIAlign's forward: x (N, C, H, W) float; rois (R, 5) (batch index, x_min,
+    y_min, x_max, y_max) in input pixels. Runs cupy_op (our kernels' autograd Function, given
+    contiguous inputs) where use_cupy says so, else torchvision_op; both take (x, rois) in
+    float32 or float64: float16 / bfloat16 run in float32. Returns the output in x's dtype."""
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(f'rois must be (R, 5), got {tuple(rois.shape)}')
+    on_cupy = use_cupy(x, backend)
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    x_c, rois = x.to(dtype), rois.to(dtype)
+    out = cupy_op(x_c.contiguous(), rois.contiguous()) if on_cupy else torchvision_op(x_c, rois)
+    return out.to(x.dtype)
+
+
 @functools.cache
 def compile_kernel(source_file, name, dtype=torch.float32):
     """The kernel `name` of the CUDA file `source_file` (in model/ops), compiled once with
@@ -62,6 +76,14 @@ def compile_kernel(source_file, name, dtype=torch.float32):
     scalar = {torch.float32: 'float', torch.float64: 'double'}[dtype]
     source = Path(__file__).with_name(source_file).read_text()
     return cupy.RawKernel(f'typedef {scalar} scalar_t;\n{source}', name, options=('--fmad=false',))
+
+
+def launch_per_element(source_file, name, n_elements, args):
+    """Launches the kernel `name` of `source_file`, compiled for the dtype of args[0], with one
+    thread per output element: n_elements threads in blocks of 256, none if n_elements is 0."""
+    if n_elements > 0:
+        kernel = compile_kernel(source_file, name, args[0].dtype)
+        launch(kernel, (-(-n_elements // 256),), (256,), args)
 
 
 def launch(kernel, grid, block, args, shared_mem=0):

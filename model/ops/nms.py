@@ -37,24 +37,22 @@ def non_maximum_suppression(bbox, thresh, score=None, limit=None, backend='auto'
         return torch.empty(0, dtype=torch.int64, device=bbox.device)
     if bbox.dtype not in (torch.float32, torch.float64):
         bbox = bbox.float()
-    if use_cupy:
-        return _nms_cupy(bbox, thresh, score, n_bbox if limit is None else min(limit, n_bbox))
     if score is None:  # decreasing scores give the given order as priority
         score = torch.arange(n_bbox, 0, -1, dtype=bbox.dtype, device=bbox.device)
+    if use_cupy:
+        return _nms_cupy(bbox, thresh, score, n_bbox if limit is None else min(limit, n_bbox))
     keep = torchvision.ops.nms(bbox, score.to(bbox.dtype), thresh)
     return keep[:limit]
 
 
 def _nms_cupy(bbox, thresh, score, limit):
-    """non_maximum_suppression with our kernels; bbox (R, 4) float32/64 CUDA, R > 0."""
+    """non_maximum_suppression with our kernels; bbox (R, 4) float32/64 CUDA, R > 0; score (R,)."""
     n_bbox = bbox.shape[0]
     if n_bbox > _MAX_CUPY_BOXES:
         raise ValueError(f"backend='cupy' NMS takes at most {_MAX_CUPY_BOXES} boxes, got "
                          f"{n_bbox}; use backend='torchvision'")
-    if score is None:
-        order = torch.arange(n_bbox, device=bbox.device)
-    else:  # stable: equal scores keep their given order
-        order = torch.sort(score, descending=True, stable=True).indices
+    # stable: equal scores keep their given order
+    order = torch.sort(score, descending=True, stable=True).indices  # (R,)
     sorted_bbox = bbox[order].contiguous()  # (R, 4), highest priority first
     col_blocks = (n_bbox + 63) // 64
     mask = torch.empty(n_bbox * col_blocks, dtype=torch.int64, device=bbox.device)

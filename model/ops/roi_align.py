@@ -27,10 +27,11 @@ from model.ops import backend as _backend
 
 def _launch(name, source, rois, params, target):
     """roi_align.cu's kernel `name`(source, rois, *params, target), one thread per output
-    element: params ends with their number, R * C * PH * PW."""
+    element: params ends with their number, R * C * PH * PW. Nothing to do if source or target
+    is empty."""
     if source.numel() > 0 and target.numel() > 0:
-        kernel = _backend.compile_kernel('roi_align.cu', name, rois.dtype)
-        _backend.launch(kernel, (-(-params[-1] // 256),), (256,), (source, rois, *params, target))
+        args = (source, rois, *params, target)
+        _backend.launch_per_element('roi_align.cu', name, params[-1], args)
 
 
 class RoIAlignFunction(torch.autograd.Function):
@@ -69,8 +70,7 @@ class RoIAlign(nn.Module):
         backend: 'auto' | 'cupy' | 'torchvision', see model.ops.backend.use_cupy.
     """
 
-    def __init__(self, output_size, spatial_scale, sampling_ratio=0, aligned=True,
-                 backend='auto'):
+    def __init__(self, output_size, spatial_scale, sampling_ratio=0, aligned=True, backend='auto'):
         super().__init__()
         pair = output_size if isinstance(output_size, (tuple, list)) else (output_size,) * 2
         self.output_size, self.spatial_scale = tuple(pair), spatial_scale
@@ -79,15 +79,9 @@ class RoIAlign(nn.Module):
     def forward(self, x, rois):
         """x: (N, C, H, W) float; rois: (R, 5) (batch index, x_min, y_min, x_max, y_max) in
         input pixels. Returns (R, C, PH, PW) in x's dtype."""
-        if rois.dim() != 2 or rois.shape[1] != 5:
-            raise ValueError(f'rois must be (R, 5), got {tuple(rois.shape)}')
-        use_cupy = _backend.use_cupy(x, self.backend)
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        x_c, rois = x.to(dtype), rois.to(dtype)
-        if use_cupy:
-            out = RoIAlignFunction.apply(x_c.contiguous(), rois.contiguous(), *self.output_size,
-                                         self.spatial_scale, self.sampling_ratio, self.aligned)
-        else:
-            out = torchvision.ops.roi_align(x_c, rois, self.output_size, self.spatial_scale,
-                                            self.sampling_ratio, self.aligned)
-        return out.to(x.dtype)
+        return _backend.pool_rois(
+            x, rois, self.backend,
+            lambda x, rois: RoIAlignFunction.apply(x, rois, *self.output_size, self.spatial_scale,
+                                                   self.sampling_ratio, self.aligned),
+            lambda x, rois: torchvision.ops.roi_align(x, rois, self.output_size, self.spatial_scale,
+                                                      self.sampling_ratio, self.aligned))

@@ -29,11 +29,9 @@ class RoIPoolFunction(torch.autograd.Function):
         n_roi, channels, height, width = rois.shape[0], *x.shape[1:]
         out = x.new_empty((n_roi, channels, outh, outw))  # the kernel writes every element
         argmax = torch.empty(out.shape, dtype=torch.int32, device=x.device)
-        if out.numel() > 0:
-            kernel = _backend.compile_kernel('roi_pool.cu', 'roi_pool_forward', x.dtype)
-            _backend.launch(kernel, (-(-out.numel() // 256),), (256,), (
-                x, rois, float(spatial_scale), channels, height, width, outh, outw,
-                out.numel(), out, argmax))
+        _backend.launch_per_element('roi_pool.cu', 'roi_pool_forward', out.numel(), (
+            x, rois, float(spatial_scale), channels, height, width, outh, outw, out.numel(),
+            out, argmax))
         ctx.save_for_backward(rois, argmax)
         ctx.x_shape = x.shape
         return out
@@ -46,11 +44,8 @@ class RoIPoolFunction(torch.autograd.Function):
         height, width = ctx.x_shape[2:]
         grad = grad_output.contiguous()  # (R, C, PH, PW)
         grad_input = grad.new_zeros(ctx.x_shape)  # (N, C, H, W)
-        if grad.numel() > 0:
-            kernel = _backend.compile_kernel('roi_pool.cu', 'roi_pool_backward', grad.dtype)
-            _backend.launch(kernel, (-(-grad.numel() // 256),), (256,), (
-                grad, argmax, rois, channels, height, width, outh * outw, grad.numel(),
-                grad_input))
+        _backend.launch_per_element('roi_pool.cu', 'roi_pool_backward', grad.numel(), (
+            grad, argmax, rois, channels, height, width, outh * outw, grad.numel(), grad_input))
         return grad_input, None, None, None, None
 
 
@@ -70,13 +65,8 @@ class RoIPool(nn.Module):
     def forward(self, x, rois):
         """x: (N, C, H, W) float; rois: (R, 5) (batch index, x_min, y_min, x_max, y_max) in
         input pixels. Returns (R, C, outh, outw) in x's dtype."""
-        if rois.dim() != 2 or rois.shape[1] != 5:
-            raise ValueError(f'rois must be (R, 5), got {tuple(rois.shape)}')
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        x_c, rois = x.to(dtype), rois.to(dtype)
-        if _backend.use_cupy(x, self.backend):
-            out = RoIPoolFunction.apply(x_c.contiguous(), rois.contiguous(), self.outh, self.outw,
-                                        self.spatial_scale)
-        else:
-            out = torchvision.ops.roi_pool(x_c, rois, (self.outh, self.outw), self.spatial_scale)
-        return out.to(x.dtype)
+        size, scale = (self.outh, self.outw), self.spatial_scale
+        return _backend.pool_rois(
+            x, rois, self.backend,
+            lambda x, rois: RoIPoolFunction.apply(x, rois, *size, scale),
+            lambda x, rois: torchvision.ops.roi_pool(x, rois, size, scale))

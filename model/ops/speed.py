@@ -49,10 +49,8 @@ def fastest_layout(device):
     not): channels-last on CUDA (cuDNN's tensor cores) and for oneDNN's kernels on CPUs with
     AVX-512 (bfloat16 under autocast, or where Winograd is not available); NCHW elsewhere."""
     device = torch.device(device)
-    if device.type == 'cuda':
-        return torch.channels_last
-    if cpu_capability().startswith('AVX512') and (torch.is_autocast_enabled(device.type)
-                                                  or not winograd_available()):
+    if device.type == 'cuda' or (cpu_capability().startswith('AVX512') and (
+            torch.is_autocast_enabled(device.type) or not winograd_available())):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -124,11 +122,11 @@ def use_winograd(module, enabled=True):
 
 
 def _to_fastest_layout(model, args):
-    """Forward pre-hook of a detector: its images (the first argument) in fastest_layout."""
+    """Forward pre-hook of a detector: its images (the first argument) in fastest_layout; else
+    None, which leaves the arguments as they are."""
     if args and isinstance(args[0], torch.Tensor):
         images, *rest = args
         return images.contiguous(memory_format=fastest_layout(images.device)), *rest
-    return None
 
 
 def is_wide(model):
