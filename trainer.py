@@ -259,29 +259,6 @@ class FasterRCNNTrainer:
         scale = self.cfg.batch_size * self.world_size if self.cfg.lr_scaling == 'linear' else 1
         return self.cfg.lr * scale
 
-    def apply_options(self):
-        """Puts the Config's solver options (lr, its schedule, momentum, weight decay) into the
-        loaded optimizer and scheduler, so that options given with --resume take effect.
-
-        The lr is recomputed the way MultiStepLR reached it, milestone by milestone, so an
-        unchanged option gives back bit-identical values.
-        """
-        cfg, scheduler = self.cfg, self.scheduler
-        scheduler.milestones = type(scheduler.milestones)(cfg.lr_milestones)
-        scheduler.gamma = cfg.lr_decay
-        # make_optimizer's groups: weights, then biases
-        scheduler.base_lrs = [self.base_lr(), (1 + cfg.double_bias) * self.base_lr()]
-        passed = [m for m in sorted(scheduler.milestones) if m <= scheduler.last_epoch]
-        for group, base_lr, decay in zip(self.optimizer.param_groups, scheduler.base_lrs,
-                                         (cfg.weight_decay, 0.0), strict=True):
-            lr = base_lr
-            for milestone in passed:
-                lr = lr * cfg.lr_decay ** scheduler.milestones[milestone]
-            group.update(initial_lr=base_lr, lr=lr, weight_decay=decay)
-            if cfg.optimizer == 'sgd':
-                group['momentum'] = cfg.momentum
-        scheduler._last_lr = [group['lr'] for group in self.optimizer.param_groups]
-
     def pop_means(self):
         """Running means of the losses since the last call (the one host sync of logging)."""
         means = {k: float(v) / max(self.meter_count, 1) for k, v in self.meter_sums.items()}
@@ -290,11 +267,9 @@ class FasterRCNNTrainer:
 
     def train_step(self, batch):
         """One optimiser step on a collated batch (data.dataset.collate_train)."""
-        sizes = [tuple(s) for s in batch['sizes'].tolist()]
         images = batch['images'].to(self.device, non_blocking=True)
-        bboxes = [b.to(self.device) for b in batch['bboxes']]
-        labels = [lab.to(self.device) for lab in batch['labels']]
-        scales = batch['scales'].tolist()
+        bboxes, labels = ([t.to(self.device) for t in batch[key]] for key in ('bboxes', 'labels'))
+        sizes, scales = [tuple(s) for s in batch['sizes'].tolist()], batch['scales'].tolist()
         self.optimizer.zero_grad(set_to_none=True)
         with mixed_precision(self.device, self.cfg.amp):
             losses = self.forward(images, sizes, scales, bboxes, labels, self.generator)
@@ -368,10 +343,20 @@ class FasterRCNNTrainer:
                 'step': self.step}
 
     def load_state_dict(self, state):
+        """Restores a checkpoint's weights, momentum buffers, gradient scale and step. The
+        solver options (lr, its schedule, momentum, weight decay) are the Config's, so that
+        options given with --resume take effect: the lr schedule is replayed from them, which
+        gives back bit-identical lrs where they did not change."""
         self.faster_rcnn.load_state_dict(state['model'])
+        options = [{k: v for k, v in group.items() if k != 'params'}
+                   for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
+        for group, own in zip(self.optimizer.param_groups, options, strict=True):
+            group.update(own)
+        with warnings.catch_warnings():  # steps of the schedule with no optimizer step between
+            warnings.simplefilter('ignore', UserWarning)
+            for _ in range(state['scheduler']['last_epoch']):
+                self.scheduler.step()
         if state['scaler'] and self.scaler.is_enabled():  # empty when saved without float16
             self.scaler.load_state_dict(state['scaler'])
         self.step = state['step']
-        self.apply_options()

@@ -40,21 +40,23 @@ def _fields(record, where, checks):
 
 
 def _load(json_path):
-    """The images, annotations and categories lists of a COCO JSON file."""
+    """The images, annotations and categories lists of a COCO JSON file, each record paired
+    with where it is, as errors name it: 'file.json: images[k]'."""
     try:
         data = json.loads(json_path.read_bytes())
     except (OSError, ValueError) as e:  # ValueError: malformed, with the line and column
         raise DataError(f'{json_path}: unreadable or malformed JSON ({e})') from e
-    return _fields(data, json_path, dict(images=LIST, annotations=LIST, categories=LIST))
+    lists = _fields(data, json_path, dict(images=LIST, annotations=LIST, categories=LIST))
+    return [[(f'{json_path}: {key}[{k}]', record) for k, record in enumerate(records)]
+            for key, records in zip(('images', 'annotations', 'categories'), lists)]
 
 
 def _categories(json_path, records, class_names):
     """-> class_names, their category ids, {category id: name} of every category."""
     names = {}
     new_id = (lambda value: type(value) is int and value not in names, 'a unique integer')
-    for k, record in enumerate(records):
-        category_id, name = _fields(record, f'{json_path}: categories[{k}]',
-                                    dict(id=new_id, name=NAME))
+    for where, record in records:
+        category_id, name = _fields(record, where, dict(id=new_id, name=NAME))
         names[category_id] = name
     by_name = {name: category_id for category_id, name in sorted(names.items())}
     class_names = tuple(by_name if class_names is None else class_names)
@@ -93,21 +95,18 @@ class COCOBboxDataset(VOCBboxDataset):
             raise DataError(f'{json_path}: unknown split {split!r}; valid: all, '
                             f'{", ".join(HASH_SPLITS)}')
         images, annotations, categories = _load(json_path)
-        self.class_names, self.category_ids, names = _categories(json_path, categories,
-                                                                 class_names)
+        self.class_names, self.category_ids, names = _categories(json_path, categories, class_names)
         self.skipped, records = [], {}  # records: image id -> (where, record, [(where, ann)])
         new_id = (lambda value: isinstance(value, int | str) and value not in records,
                   'a unique integer or string')
         image_id = (lambda value: isinstance(value, int | str) and value in records,
                     'one of its image ids')
-        for k, record in enumerate(images):
-            where = f'{json_path}: images[{k}]'
+        for where, record in images:
             key = self._guarded(skip_bad, where, _fields, record, where,
                                 dict(id=new_id, file_name=NAME))
             if key:
                 records[key[0]] = (where, record, [])
-        for k, record in enumerate(annotations):
-            where = f'{json_path}: annotations[{k}]'
+        for where, record in annotations:
             key = self._guarded(skip_bad, where, _fields, record, where, dict(image_id=image_id))
             if key:
                 records[key[0]][2].append((where, record))
@@ -130,22 +129,18 @@ class COCOBboxDataset(VOCBboxDataset):
         annotations, the boxes clipped to the image."""
         width, height = _fields(record, where, dict(width=POSITIVE, height=POSITIVE))
         image_path = image_dir / record['file_name']
-        try:
-            size = _image_size(image_path)
-        except DataError as e:
-            raise DataError(f'{where}: {e}') from e
+        size = _image_size(image_path, f'{where}: ')
         if size != (height, width):
             raise DataError(f'{where}: {image_path} is {size[1]}x{size[0]}, not {width}x{height}; '
                             'every box would be misplaced')
         known = (lambda value: type(value) is int and value in names, 'one of its category ids')
-        bbox, label, difficult = [], [], []
+        labelled = []
         for where_object, annotation in objects:
             category_id, (x, y, w, h) = _fields(annotation, where_object,
                                                 dict(category_id=known, bbox=BBOX))
             if category_id not in self.category_ids:
                 raise DataError(f'{where_object}: unknown class name {names[category_id]!r}; '
                                 f'valid: {", ".join(self.class_names)}')
-            bbox.append([x, y, x + w, y + h])
-            label.append(self.category_ids.index(category_id))
-            difficult.append(bool(annotation.get('iscrowd', 0)))
-        return (image_path, size) + _clip(size, where, bbox, label, difficult)
+            labelled.append(([x, y, x + w, y + h], self.category_ids.index(category_id),
+                             bool(annotation.get('iscrowd', 0))))
+        return (image_path, size) + _clip(size, where, labelled)

@@ -30,11 +30,9 @@ class TrainDataset(Dataset):
 
     def __init__(self, bbox_dataset, min_size, max_size, normalization, flip=True, seed=0,
                  use_difficult=False):
-        self.bbox_dataset = bbox_dataset
-        self.min_size, self.max_size = min_size, max_size
-        self.normalization = check_normalization(normalization)
+        self.bbox_dataset, self.normalization = bbox_dataset, check_normalization(normalization)
+        self.min_size, self.max_size, self.use_difficult = min_size, max_size, use_difficult
         self.flip, self.seed, self.epoch = flip, seed, 0
-        self.use_difficult = use_difficult
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -80,12 +78,10 @@ class ImageFiles(Dataset):
         path = self.paths[i]
         try:
             image = read_image(path)
-            problem = size_problem(image.shape[1:], *self.limits)
-            if problem is not None:
-                raise DataError(f'{path}: the image {problem}')
         except DataError as e:
             return path, None, str(e)
-        return path, image, None
+        problem = size_problem(image.shape[1:], *self.limits)
+        return (path, None, f'{path}: the image {problem}') if problem else (path, image, None)
 
 
 def collate_test(batch):
@@ -127,8 +123,7 @@ def build_bbox_dataset(name, data_dir, split, class_names=None, skip_bad=False,
         json_path = Path(coco_test_json if coco_test_json and split == 'test' else coco_json)
         return COCOBboxDataset(json_path, image_dir or json_path.parent,
                                'all' if coco_test_json else split, **options)
-    if name == 'toy' and data_dir is None:
-        data_dir = toy_dataset_dir()
+    data_dir = toy_dataset_dir() if name == 'toy' and data_dir is None else data_dir
     if data_dir is None:
         raise ValueError(f'dataset {name!r} needs a data folder (VOCdevkit, VOC-format or COCO)')
     data_dir = Path(data_dir)

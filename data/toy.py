@@ -72,7 +72,7 @@ def _sample(rng):
     owner = np.full((height, width), -1)  # which object a pixel shows; later ones occlude
     areas, labels = [], []
     n_object = 0 if rng.uniform() < 0.05 else int(rng.integers(1, 5))
-    while len(labels) < n_object:
+    for _ in range(n_object):
         label = int(rng.integers(len(CLASS_NAMES)))
         for _ in range(10):  # a few tries to keep every earlier object MIN_VISIBLE visible
             rows, cols = _shape(rng, label, height, width)
@@ -81,8 +81,7 @@ def _sample(rng):
             if np.all(visible >= MIN_VISIBLE * np.array(areas, dtype=float)):
                 break
         else:
-            n_object -= 1
-            continue
+            continue  # no room for it: one object fewer
         image[rows, cols] = _colour(rng, (0.7, 1), (0.7, 1))
         owner[rows, cols] = len(labels)
         areas.append(len(rows))
@@ -119,8 +118,7 @@ def _generate(root, n_trainval, n_test, seed):
         (root / 'Annotations' / f'{image_id}.xml').write_text(_xml(image_id, *image.shape[:2],
                                                                   objects))
     for split, split_ids in (('trainval', ids[:n_trainval]), ('test', ids[n_trainval:])):
-        (root / 'ImageSets' / 'Main' / f'{split}.txt').write_text(''.join(
-            f'{i}\n' for i in split_ids))
+        (root / 'ImageSets/Main' / f'{split}.txt').write_text(''.join(f'{i}\n' for i in split_ids))
 
 
 def make_toy_dataset(root, n_trainval=300, n_test=100, seed=0):
@@ -137,17 +135,16 @@ def make_toy_dataset(root, n_trainval=300, n_test=100, seed=0):
     if root.exists() and any(root.iterdir()) and not stamp_path.is_file():
         raise ValueError(f'{root}: not empty and not a toy dataset; pass a new or empty folder')
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}-', dir=root.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    try:
-        _generate(tmp, n_trainval, n_test, seed)
-        (tmp / '.toy-stamp').write_text(stamp)
+    # The with removes the temporary folder on any error, KeyboardInterrupt too; on success it
+    # has been renamed to root, and there is nothing left to remove.
+    with tempfile.TemporaryDirectory(prefix=f'.{root.name}-', dir=root.parent,
+                                     ignore_cleanup_errors=True) as tmp:
+        os.chmod(tmp, 0o755)  # TemporaryDirectory makes it private
+        _generate(Path(tmp), n_trainval, n_test, seed)
+        Path(tmp, '.toy-stamp').write_text(stamp)
         if root.exists():
             shutil.rmtree(root)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.rename(tmp, root)
     return root
 
 

@@ -14,7 +14,6 @@ XML file stems as written on disk.
 import contextlib
 import copy
 import hashlib
-import math
 import os
 import re
 import warnings
@@ -85,6 +84,24 @@ def _hash_split(ids, split):
     return [i for i in sorted(ids) if is_test[i] == (HASH_SPLITS[split] == 'test')]
 
 
+def _split_ids(data_dir, split, all_ids, folders):
+    """The ids of split: the first word of each line of ImageSets/Main/<split>.txt where the
+    folder has ImageSets/Main/ (in any case), else the hash split of all_ids."""
+    split_dir = folders.subfolder(data_dir, 'ImageSets')
+    split_dir = split_dir and folders.subfolder(split_dir, 'Main')
+    if split_dir is not None:
+        split_file = folders.find(split_dir, f'{split}.txt')
+        if split_file is None:
+            valid = sorted(folders.files(split_dir, '.txt'))
+            raise DataError(f'{split_dir / f"{split}.txt"}: split file not found; splits '
+                            f'there: {valid}')
+        return [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    if split not in HASH_SPLITS:
+        raise DataError(f'{data_dir}: unknown split {split!r} for a folder without '
+                        f'ImageSets/Main/; valid: {", ".join(HASH_SPLITS)}')
+    return _hash_split(all_ids, split)
+
+
 def _parse_xml(path):
     """-> (<filename> or None, objects), objects a list of
     (name, [x_min, y_min, x_max, y_max] made 0-based, difficult)."""
@@ -104,20 +121,36 @@ def _parse_xml(path):
                    for k in ('xmin', 'ymin', 'xmax', 'ymax')]
         except (AttributeError, TypeError, ValueError):
             box = None
-        if box is None or not all(map(math.isfinite, box)):
+        if box is None or not np.isfinite(box).all():
             raise DataError(f'{path}: object {name!r} has a missing or non-numeric <bndbox> '
                             '(needs numbers xmin, ymin, xmax, ymax)')
         objects.append((name, box, (obj.findtext('difficult') or '0').strip() == '1'))
     return root.findtext('filename'), objects
 
 
-def _image_size(path):
-    """(H, W) of an image file, read from its header alone (no pixels are decoded)."""
+def _find_image(xml_path, filename, data_dir, image_dirs, folders):
+    """The image of an XML file: <filename> (or the XML's stem) with any image extension,
+    in any case, in image_dirs in order."""
+    name = PureWindowsPath(filename or '').name  # also drops "C:\...\" or "a/b/" prefixes
+    names = [name] if Path(name).suffix else [name + ext for ext in IMAGE_EXTENSIONS]
+    names += [xml_path.stem + ext for ext in IMAGE_EXTENSIONS]  # renamed or no <filename>
+    for folder in image_dirs:
+        for candidate in dict.fromkeys(names):  # each name once, in order
+            path = folders.find(folder, candidate)
+            if path is not None:
+                return path
+    raise DataError(f'{xml_path}: image {filename!r} not found next to it or in '
+                    f'{data_dir}/{{{",".join(IMAGE_FOLDERS)}}} (names in any case)')
+
+
+def _image_size(path, where=''):
+    """(H, W) of an image file, read from its header alone (no pixels are decoded). A bad file
+    raises DataError naming it, after `where` (COCO's 'file.json: images[k]: ')."""
     try:
         with Image.open(path) as img:
             return img.height, img.width
     except Exception as e:  # PIL raises many types for bad files; all mean "bad file"
-        raise DataError(f'{path}: cannot read image ({type(e).__name__}: {e})') from e
+        raise DataError(f'{where}{path}: cannot read image ({type(e).__name__}: {e})') from e
 
 
 def _decodes(path):
@@ -127,14 +160,13 @@ def _decodes(path):
     return True
 
 
-def _clip(size, path, bbox, label, difficult):
-    """Lists of R boxes [x_min, y_min, x_max, y_max], labels and difficult flags -> tensors
-    bbox (R', 4) float32 clipped to an image of size (H, W), label (R',) int64 and difficult
-    (R',) bool, less the boxes that clipping leaves empty. NumPy until then rather than torch:
-    its overhead on such tiny arrays is a tenth, which is seconds at construction for 16k
-    images."""
+def _clip(size, path, labelled):
+    """A list of R (box [x_min, y_min, x_max, y_max], label, difficult) -> tensors bbox (R', 4)
+    float32 clipped to an image of size (H, W), label (R',) int64 and difficult (R',) bool,
+    less the boxes that clipping leaves empty. NumPy until then rather than torch: its overhead
+    on such tiny arrays is a tenth, which is seconds at construction for 16k images."""
     height, width = size
-    bbox = np.array(bbox, np.float32).reshape(-1, 4)
+    bbox = np.array([box for box, _, _ in labelled], np.float32).reshape(-1, 4)
     clipped = np.clip(bbox, 0, np.array([width, height, width, height], np.float32))
     for box in bbox[(clipped != bbox).any(1)].tolist():
         warnings.warn(f'{path}: box {box} reaches outside the {width}x{height} image; clipped',
@@ -143,8 +175,9 @@ def _clip(size, path, bbox, label, difficult):
     for box in clipped[~keep].tolist():
         warnings.warn(f'{path}: box {box} is empty (x_max <= x_min or y_max <= y_min); dropped',
                       stacklevel=4)
-    return tuple(torch.from_numpy(a[keep]) for a in (
-        clipped, np.array(label, np.int64), np.array(difficult, bool)))
+    label = np.array([label for _, label, _ in labelled], np.int64)
+    difficult = np.array([difficult for _, _, difficult in labelled], bool)
+    return tuple(torch.from_numpy(a[keep]) for a in (clipped, label, difficult))
 
 
 class VOCBboxDataset:
@@ -174,7 +207,7 @@ class VOCBboxDataset:
         xml_paths = folders.files(ann_dir, '.xml')  # id -> path
         if not xml_paths:
             raise DataError(f'{data_dir}: no annotation XML files found; {LAYOUT}')
-        ids = self._split_ids(data_dir, split, sorted(xml_paths), folders)
+        ids = _split_ids(data_dir, split, sorted(xml_paths), folders)
         xml_paths = {i: xml_paths.get(i, ann_dir / f'{i}.xml') for i in set(xml_paths) | set(ids)}
         self.skipped = []
         records = {i: self._guarded(skip_bad, xml_paths[i], _parse_xml, xml_paths[i]) for i in ids}
@@ -214,23 +247,6 @@ class VOCBboxDataset:
             self.skipped.append(xml_path)
             return None
 
-    @staticmethod
-    def _split_ids(data_dir, split, all_ids, folders):
-        split_dir = folders.subfolder(data_dir, 'ImageSets')
-        split_dir = split_dir and folders.subfolder(split_dir, 'Main')
-        if split_dir is not None:
-            split_file = folders.find(split_dir, f'{split}.txt')
-            if split_file is None:
-                valid = sorted(folders.files(split_dir, '.txt'))
-                raise DataError(f'{split_dir / f"{split}.txt"}: split file not found; splits '
-                                f'there: {valid}')
-            return [line.split()[0] for line in split_file.read_text().splitlines()
-                    if line.strip()]
-        if split not in HASH_SPLITS:
-            raise DataError(f'{data_dir}: unknown split {split!r} for a folder without '
-                            f'ImageSets/Main/; valid: {", ".join(HASH_SPLITS)}')
-        return _hash_split(all_ids, split)
-
     def _sample(self, xml_path, record, data_dir, image_dirs, folders):
         """-> (image path, (H, W), bbox, label, difficult) of one annotation file, the boxes
         clipped to the image's real size."""
@@ -239,27 +255,10 @@ class VOCBboxDataset:
         if unknown:
             raise DataError(f'{xml_path}: unknown class names {unknown}; '
                             f'valid: {", ".join(self.class_names)}')
-        image_path = self._find_image(xml_path, filename, data_dir, image_dirs, folders)
+        image_path = _find_image(xml_path, filename, data_dir, image_dirs, folders)
         size = _image_size(image_path)
-        bbox = [box for _, box, _ in objects]
-        label = [self.class_names.index(name) for name, _, _ in objects]
-        difficult = [flag for _, _, flag in objects]
-        return (image_path, size) + _clip(size, xml_path, bbox, label, difficult)
-
-    @staticmethod
-    def _find_image(xml_path, filename, data_dir, image_dirs, folders):
-        """The image of an XML file: <filename> (or the XML's stem) with any image extension,
-        in any case, in image_dirs in order."""
-        name = PureWindowsPath(filename or '').name  # also drops "C:\...\" or "a/b/" prefixes
-        names = [name] if Path(name).suffix else [name + ext for ext in IMAGE_EXTENSIONS]
-        names += [xml_path.stem + ext for ext in IMAGE_EXTENSIONS]  # renamed or no <filename>
-        for folder in image_dirs:
-            for candidate in dict.fromkeys(names):  # each name once, in order
-                path = folders.find(folder, candidate)
-                if path is not None:
-                    return path
-        raise DataError(f'{xml_path}: image {filename!r} not found next to it or in '
-                        f'{data_dir}/{{{",".join(IMAGE_FOLDERS)}}} (names in any case)')
+        labelled = [(box, self.class_names.index(name), flag) for name, box, flag in objects]
+        return (image_path, size) + _clip(size, xml_path, labelled)
 
     def _set_samples(self, samples, wheres, skip_bad, check_images):
         """self.ids and self._samples from samples {id: sample, or None when skipped}: those not
@@ -302,5 +301,4 @@ class VOCBboxDataset:
         return self._samples[i][2:]
 
     def __getitem__(self, i):
-        image_path, _, bbox, label, difficult = self._samples[i]
-        return read_image(image_path), bbox, label, difficult
+        return (read_image(self.image_path(i)), *self.get_annotation(i))

@@ -62,10 +62,9 @@ def enumerate_shifted_anchors(anchor_base, feat_stride, height, width):
 
 
 def _centre_size(bbox):
-    """(R, 4) corners -> centre x, centre y, width, height, each (R,)."""
-    w = bbox[:, 2] - bbox[:, 0]
-    h = bbox[:, 3] - bbox[:, 1]
-    return bbox[:, 0] + 0.5 * w, bbox[:, 1] + 0.5 * h, w, h
+    """(R, 4) corners -> centres (R, 2) x, y and sizes (R, 2) width, height."""
+    size = bbox[:, 2:] - bbox[:, :2]  # (R, 2)
+    return bbox[:, :2] + 0.5 * size, size
 
 
 def bbox2loc(src_bbox, dst_bbox):
@@ -82,13 +81,11 @@ def bbox2loc(src_bbox, dst_bbox):
         degenerate box gives a large but finite loc instead of inf or NaN.
     """
     eps = torch.finfo(src_bbox.dtype).eps
-    src_x, src_y, src_w, src_h = _centre_size(src_bbox)
-    dst_x, dst_y, dst_w, dst_h = _centre_size(dst_bbox)
-    src_w, src_h = src_w.clamp(min=eps), src_h.clamp(min=eps)
-    dst_w, dst_h = dst_w.clamp(min=eps), dst_h.clamp(min=eps)
-    dx = (dst_x - src_x) / src_w
-    dy = (dst_y - src_y) / src_h
-    return torch.stack([dx, dy, (dst_w / src_w).log(), (dst_h / src_h).log()], dim=1)
+    src_ctr, src_size = _centre_size(src_bbox)  # (R, 2) each: (x, y) and (w, h)
+    dst_ctr, dst_size = _centre_size(dst_bbox)
+    src_size, dst_size = src_size.clamp(min=eps), dst_size.clamp(min=eps)
+    # (dx, dy) and (dw, dh), each (R, 2)
+    return torch.cat([(dst_ctr - src_ctr) / src_size, (dst_size / src_size).log()], dim=1)
 
 
 def loc2bbox(src_bbox, loc):
@@ -101,10 +98,7 @@ def loc2bbox(src_bbox, loc):
     Returns:
         (R, 4) decoded boxes.
     """
-    src_x, src_y, src_w, src_h = _centre_size(src_bbox)
-    dx, dy, dw, dh = loc.unbind(dim=1)
-    ctr_x = src_x + dx * src_w
-    ctr_y = src_y + dy * src_h
-    w = src_w * dw.clamp(max=LOC_CLAMP).exp()
-    h = src_h * dh.clamp(max=LOC_CLAMP).exp()
-    return torch.stack([ctr_x - 0.5 * w, ctr_y - 0.5 * h, ctr_x + 0.5 * w, ctr_y + 0.5 * h], dim=1)
+    src_ctr, src_size = _centre_size(src_bbox)  # (R, 2) each: (x, y) and (w, h)
+    ctr = src_ctr + loc[:, :2] * src_size  # (R, 2)
+    size = src_size * loc[:, 2:].clamp(max=LOC_CLAMP).exp()  # (R, 2)
+    return torch.cat([ctr - 0.5 * size, ctr + 0.5 * size], dim=1)

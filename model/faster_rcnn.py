@@ -77,20 +77,17 @@ class FasterRCNN(nn.Module):
                  eval_score_thresh=0.05, eval_nms_thresh=0.3, backend='auto'):
         super().__init__()
         self.extractor, self.rpn, self.head = extractor, rpn, head
+        self.n_class = head.n_class  # classes with the background
         self.transform = transform or ImageTransform()
         self.anchor_target_creator = anchor_target_creator or AnchorTargetCreator()
         self.proposal_target_creator = proposal_target_creator or ProposalTargetCreator()
-        self.rpn_sigma, self.roi_sigma = rpn_sigma, roi_sigma
+        # backend: for predict's NMS; the RPN and the head hold their own
+        self.rpn_sigma, self.roi_sigma, self.backend = rpn_sigma, roi_sigma, backend
         evaluate = dict(score_thresh=eval_score_thresh, nms_thresh=eval_nms_thresh)
         self.presets = {'evaluate': evaluate, 'visualize': VISUALIZE}
-        self.backend = backend  # for predict's NMS; the RPN and head hold their own
         # predict decodes the head's locs with the std its targets were divided by
         std = self.proposal_target_creator.loc_normalize_std
         self.register_buffer('loc_normalize_std', torch.tensor(std), persistent=False)
-
-    @property
-    def n_class(self):
-        return self.head.n_class
 
     def forward(self, images, img_sizes, scales, gt_bboxes=None, gt_labels=None, generator=None):
         """The figure: features, proposals, and the head's scores and locs for each proposal;
@@ -171,24 +168,21 @@ class FasterRCNN(nn.Module):
     def _postprocess(self, roi_cls_locs, roi_scores, rois, roi_indices, input_sizes, orig_sizes,
                      score_thresh, nms_thresh, max_per_image):
         """Per-class boxes and probabilities -> thresholded, class-wise NMS, per-image lists."""
-        n_roi, n_class = roi_scores.shape
-        n_fg = n_class - 1
-        loc = roi_cls_locs.view(n_roi, n_class, 4)[:, 1:] * self.loc_normalize_std  # (R, C-1, 4)
+        n_fg = roi_scores.shape[1] - 1  # C - 1
+        loc = roi_cls_locs.unflatten(1, (-1, 4))[:, 1:] * self.loc_normalize_std  # (R, C-1, 4)
         bbox = loc2bbox(rois[:, None].expand_as(loc).reshape(-1, 4), loc.reshape(-1, 4))
         prob = F.softmax(roi_scores, dim=1)[:, 1:].reshape(-1)  # (R*(C-1),), background dropped
 
         keep = (prob > score_thresh).nonzero()[:, 0]  # (K,) each RoI * (C-1) + its class
         bbox, prob, label, image = bbox[keep], prob[keep], keep % n_fg, roi_indices[keep // n_fg]
-        for i, (input_size, orig_size) in enumerate(zip(input_sizes, orig_sizes)):
+        for i, (in_size, out_size) in enumerate(zip(input_sizes, orig_sizes)):
             mine = image == i
-            bbox[mine] = resize_bbox(clip_boxes_to_image(bbox[mine], input_size), input_size,
-                                     orig_size)
+            bbox[mine] = resize_bbox(clip_boxes_to_image(bbox[mine], in_size), in_size, out_size)
         # Class-wise NMS for all images in one call: each (image, class) pair is its own group.
         kept = batched_non_maximum_suppression(bbox, prob, image * n_fg + label, nms_thresh,
                                                backend=self.backend)  # highest score first
         per_image = [kept[image[kept] == i][:max_per_image] for i in range(len(input_sizes))]
-        return ([bbox[mine] for mine in per_image], [label[mine] for mine in per_image],
-                [prob[mine] for mine in per_image])
+        return tuple([values[mine] for mine in per_image] for values in (bbox, label, prob))
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """As nn.Module's, with a clear error when the class counts differ."""
@@ -282,11 +276,10 @@ PYRAMID_DEFAULTS = dict(anchor_scales=(8,), n_train_pre_nms=2000, n_train_post_n
                         n_test_pre_nms=1000, n_test_post_nms=1000, rpn_min_size=0,
                         roi_n_sample=512, eval_nms_thresh=0.5)
 EXTRACTOR_DEFAULTS = {
-    'resnet50_fpn': {**PYRAMID_DEFAULTS, 'min_size': 800, 'max_size': 1333},
-    'resnet101_fpn': {**PYRAMID_DEFAULTS, 'min_size': 800, 'max_size': 1333},
+    'resnet50_fpn': dict(PYRAMID_DEFAULTS, min_size=800, max_size=1333),
+    'resnet101_fpn': dict(PYRAMID_DEFAULTS, min_size=800, max_size=1333),
     # anchors of 16 px on P2 to 256 on P6, and the paper's RoI counts: a few objects per image
-    'small_fpn': {**PYRAMID_DEFAULTS, 'anchor_scales': (4,), 'roi_n_sample': 128,
-                  'n_test_post_nms': 300},
+    'small_fpn': dict(PYRAMID_DEFAULTS, anchor_scales=(4,), roi_n_sample=128, n_test_post_nms=300),
 }
 
 
@@ -307,10 +300,10 @@ def build_faster_rcnn(n_fg_class, options=None, weights=None):
         pool = PyramidRoIAlign(backbone.roi_size, backbone.strides[:-1], backend=opt.backend)
     else:
         bases = [generate_anchor_base(FEAT_STRIDE, opt.anchor_ratios, opt.anchor_scales)]
+        # RoI max pooling, or RoIAlign with its defaults: aligned, adaptive sampling
         pool = (RoIPool(backbone.roi_size, backbone.roi_size, 1 / FEAT_STRIDE, opt.backend)
                 if backbone.roi_op == 'pool' else
-                RoIAlign(backbone.roi_size, 1 / FEAT_STRIDE, sampling_ratio=0, aligned=True,
-                         backend=opt.backend))
+                RoIAlign(backbone.roi_size, 1 / FEAT_STRIDE, backend=opt.backend))
     proposals = ProposalCreator(opt.rpn_nms_thresh, opt.n_train_pre_nms, opt.n_train_post_nms,
                                 opt.n_test_pre_nms, opt.n_test_post_nms, opt.rpn_min_size,
                                 opt.backend)

@@ -7,6 +7,7 @@ Paper: Ren et al. 2015, sec. 3.3: images are rescaled so that the shorter side i
 Images are float32 (3, H, W) RGB in 0..255 until normalised; a batch is (N, 3, H, W). Boxes
 are (R, 4) float32 (x_min, y_min, x_max, y_max) in pixels. Sizes are (H, W).
 """
+import torch
 import torch.nn.functional as F
 
 # The one normalisation table. mode: (to BGR?, divisor, mean, std), mean and std in the
@@ -33,8 +34,7 @@ def _normalization(img, mode):
 def normalize(img, mode):
     """RGB 0..255 image(s), (3, H, W) or (N, 3, H, W), to the model's input for mode."""
     to_bgr, divisor, mean, std = _normalization(img, mode)
-    if to_bgr:
-        img = img.flip(-3)
+    img = img.flip(-3) if to_bgr else img
     return (img / divisor - mean) / std
 
 
@@ -67,8 +67,7 @@ def resize_image(img, min_size, max_size):
 
 def resize_bbox(bbox, in_size, out_size):
     """Scale (R, 4) boxes from an image of in_size (H, W) to one of out_size (H, W)."""
-    y_scale = out_size[0] / in_size[0]
-    x_scale = out_size[1] / in_size[1]
+    y_scale, x_scale = out_size[0] / in_size[0], out_size[1] / in_size[1]
     return bbox * bbox.new_tensor([x_scale, y_scale, x_scale, y_scale])
 
 
@@ -76,10 +75,8 @@ def pad_images(images):
     """Stacks (3, H_i, W_i) images into (N, 3, H_max, W_max), zero-padded at bottom and right."""
     h_max = max(img.shape[1] for img in images)
     w_max = max(img.shape[2] for img in images)
-    batch = images[0].new_zeros((len(images), 3, h_max, w_max))
-    for i, img in enumerate(images):
-        batch[i, :, :img.shape[1], :img.shape[2]] = img
-    return batch
+    return torch.stack([F.pad(img, (0, w_max - img.shape[2], 0, h_max - img.shape[1]))
+                        for img in images])
 
 
 class ImageTransform:

@@ -254,4 +254,4 @@ def test_cupy_gradcheck():
     x = torch.randn(2, 2, 6, 7, generator=g, dtype=torch.float64).cuda().requires_grad_()
     rois = random_rois(8, 2, 6 * 4, 7 * 4, seed=15).double().cuda()
     assert torch.autograd.gradcheck(
-        lambda x: RoIAlignFunction.apply(x, rois, 3, 2, 0.25, 2, True), (x,))
+        lambda x: RoIAlignFunction.apply(x, rois, (3, 2), 0.25, 2, True), (x,))

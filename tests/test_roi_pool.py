@@ -243,4 +243,4 @@ def test_cupy_gradcheck():
     x = distinct_features((2, 2, 9, 11), seed=10, dtype=torch.float64).cuda().requires_grad_()
     rois = random_rois(12, 2, 9 * 4, 11 * 4, seed=11).double().cuda()
     assert torch.autograd.gradcheck(
-        lambda x: RoIPoolFunction.apply(x, rois, 3, 2, 0.25), (x,))
+        lambda x: RoIPoolFunction.apply(x, rois, (3, 2), 0.25), (x,))

@@ -76,7 +76,7 @@ def test_seed_all_seeds_python_numpy_and_torch():
 
 
 @pytest.mark.filterwarnings('ignore:Detected call of')
-def test_apply_options_puts_new_solver_options_into_a_loaded_state():
+def test_resume_puts_new_solver_options_into_a_loaded_state():
     """What --resume does: options in the Config win over the loaded optimizer's; unchanged
     ones give back exactly the values the schedule reached (two milestones passed)."""
     cfg = Config(lr=0.01, lr_milestones=(1, 2), epochs=4, lr_decay=0.3)

@@ -74,9 +74,10 @@ RANGES = {
              'eval_score_thresh'),
     'in (0, 1]': ('rpn_pos_ratio', 'roi_pos_ratio', 'rpn_nms_thresh', 'eval_nms_thresh',
                   'lr_decay', 'rpn_pos_iou_thresh', 'roi_pos_iou_thresh'),
+    'in 1..65535': ('visdom_port',),
 }
 RANGE_CHECKS = {'positive': lambda v: v > 0, '>= 0': lambda v: v >= 0,
-                'in (0, 1]': lambda v: 0 < v <= 1}
+                'in (0, 1]': lambda v: 0 < v <= 1, 'in 1..65535': lambda v: 0 < v < 65536}
 TRUE_WORDS, FALSE_WORDS = ('true', 'yes', '1', 'on'), ('false', 'no', '0', 'off')
 
 
@@ -91,12 +92,10 @@ def _scalar(name, kind, value):
     if isinstance(value, (list, tuple, dict)):
         raise ValueError(f'{flag}: expected one value, not a list')
     if kind is bool:
-        if isinstance(value, bool):
-            return value
-        word = str(value).strip().lower()
-        if word in TRUE_WORDS + FALSE_WORDS:
-            return word in TRUE_WORDS
-        raise ValueError(f'{flag} is not a boolean; use true or false (or yes/no, 1/0)')
+        word = str(value).strip().lower()  # fire's True and False too
+        if word not in TRUE_WORDS + FALSE_WORDS:
+            raise ValueError(f'{flag} is not a boolean; use true or false (or yes/no, 1/0)')
+        return word in TRUE_WORDS
     if kind is str:
         if isinstance(value, bool):  # fire's value for a flag given without '=value'
             raise ValueError(f'{option_name(name)} needs a value ({option_name(name)}=...)')
@@ -105,13 +104,9 @@ def _scalar(name, kind, value):
         number = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         number = math.nan
-    if not math.isfinite(number):
+    if not math.isfinite(number) or (kind is int and not number.is_integer()):
         raise ValueError(f'{flag} is not a {"whole " if kind is int else ""}number')
-    if kind is int:
-        if not number.is_integer():
-            raise ValueError(f'{flag} is not a whole number')
-        return int(number)
-    return number
+    return int(number) if kind is int else number
 
 
 def field_kind(annotation):
@@ -143,17 +138,11 @@ DERIVED = {*PAPER_DEFAULTS, *(k for d in (*DATASET_DEFAULTS.values(), *SOLVER_DE
 
 
 def documented(obj, section):
-    """{name: text} of the 'section:' list ('Args', 'Attributes') of obj's docstring."""
-    entries, name = {}, None
-    for line in inspect.getdoc(obj).partition(f'{section}:\n')[2].splitlines():
-        match = re.fullmatch(r' {4}(\w+): (.*)', line)
-        if match:
-            name, entries[match[1]] = match[1], match[2]
-        elif line.startswith(' ' * 8) and name:
-            entries[name] += ' ' + line.strip()
-        elif line.strip():
-            break
-    return entries
+    """{name: text} of the 'section:' list ('Args', 'Attributes') of obj's docstring: each
+    entry '    name: text', continued on lines indented by 8."""
+    entries = inspect.getdoc(obj).partition(f'{section}:\n')[2].split('\n\n')[0]
+    return {name: ' '.join(text.split())
+            for name, text in re.findall(r'^ {4}(\w+): (.*(?:\n {8}.*)*)', entries, re.M)}
 
 
 def option_help(name, annotation, default, text):
@@ -301,9 +290,8 @@ class Config(RunOptions, SolverOptions, WeightOptions, ModelOptions, DataOptions
         self.validate()
 
     def _fill_defaults(self):
-        given = [option for option, value in (('--caffe-pretrain', self.caffe_pretrain or None),
-                 ('--pretrained-path', self.pretrained_path), ('--pretrained', self.pretrained))
-                 if value is not None]
+        given = [option_name(name) for name in ('caffe_pretrain', 'pretrained_path', 'pretrained')
+                 if getattr(self, name) not in (None, False)]
         if len(given) > 1:
             raise ValueError(f'{given[0]} and {given[1]} both give the starting weights; keep one')
         if self.caffe_pretrain and self.extractor not in (None, 'vgg16'):
@@ -347,8 +335,6 @@ class Config(RunOptions, SolverOptions, WeightOptions, ModelOptions, DataOptions
         if self.caffe_pretrain and self.normalization != 'caffe':
             raise ValueError('--caffe-pretrain needs --normalization=caffe (the caffe VGG16 '
                              'expects BGR 0..255 minus the pixel means)')
-        if not 0 < self.visdom_port < 65536:
-            raise ValueError(f'--visdom-port must be in 1..65535, got {self.visdom_port}')
 
     def check_data_dir(self):
         """The data the dataset needs must exist (the toy dataset makes its own)."""

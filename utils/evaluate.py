@@ -24,8 +24,7 @@ def evaluate(model, dataset, batch_size=1, n_images=None, metric='voc', num_work
     amp: predict under --amp's mixed precision."""
     if n_images is not None:
         dataset = Subset(dataset, range(min(n_images, len(dataset))))
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_test,
-                        num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size, collate_fn=collate_test, num_workers=num_workers)
     preds, gts = ([], [], []), ([], [], [])
     start = time.perf_counter()
     with mixed_precision(next(model.parameters()).device, amp):
@@ -53,7 +52,6 @@ def format_result(result, class_names, metric):
     if metric == 'coco':
         return '\n'.join([format_coco_table(result),
                           format_ap_table(result['ap_per_class'], class_names, result['map'])])
-    return '\n'.join(['VOC07 11-point metric:',
-                      format_ap_table(result['ap'], class_names, result['map']),
-                      'VOC2010+ area metric:',
-                      format_ap_table(result['ap_area'], class_names, result['map_area'])])
+    voc07 = format_ap_table(result['ap'], class_names, result['map'])
+    area = format_ap_table(result['ap_area'], class_names, result['map_area'])
+    return f'VOC07 11-point metric:\n{voc07}\nVOC2010+ area metric:\n{area}'

@@ -4,7 +4,6 @@ at all (a temporary file, then a rename), and a new run never takes an old run's
 """
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ def write_atomic(path, text):
     """Writes text to path through a temporary file and a rename: never half a file."""
     tmp = Path(f'{path}.tmp')
     tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 def unique_name(name, taken):

@@ -15,12 +15,9 @@ import torch
 import visdom
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
 # A power of two, so W / _DPI * _DPI is exactly W and bbox_image's canvas is exactly W x H.
 _DPI = 128
-# Seconds a visdom request may take before the Visualizer gives up (training must go on).
-_TIMEOUT_S = 5.0
 
 
 def vis_bbox(img, bbox, label=None, score=None, class_names=None, ax=None):
@@ -40,14 +37,13 @@ def vis_bbox(img, bbox, label=None, score=None, class_names=None, ax=None):
     img, bbox = _numpy(img), _numpy(bbox).reshape(-1, 4)
     label = None if label is None else _numpy(label).astype(int)
     score = None if score is None else _numpy(score)
-    if ax is None:
-        ax = plt.figure().add_subplot(1, 1, 1)
+    ax = ax or plt.figure().add_subplot(1, 1, 1)
     height, width = img.shape[1:]
     # extent: pixel i covers [i, i + 1], so a box (0, 0, W, H) frames the whole image.
     ax.imshow(img.transpose(1, 2, 0).clip(0, 255).astype(np.uint8), extent=(0, width, height, 0))
     for i, (x_min, y_min, x_max, y_max) in enumerate(bbox):
         color = 'red' if label is None else plt.get_cmap('tab20')(label[i] % 20)
-        ax.add_patch(Rectangle((x_min, y_min), x_max - x_min, y_max - y_min,
+        ax.add_patch(plt.Rectangle((x_min, y_min), x_max - x_min, y_max - y_min,
                                fill=False, edgecolor=color, linewidth=2))
         caption = []
         if label is not None:
@@ -66,12 +62,10 @@ def bbox_image(img, bbox, label=None, score=None, class_names=None):
     height, width = _numpy(img).shape[1:]
     # A bare Figure with an Agg canvas: no pyplot state, works under any backend, nothing to close.
     figure = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
-    canvas = FigureCanvasAgg(figure)
-    ax = figure.add_axes((0, 0, 1, 1))
+    ax = vis_bbox(img, bbox, label, score, class_names, ax=figure.add_axes((0, 0, 1, 1)))
     ax.set_axis_off()
-    vis_bbox(img, bbox, label, score, class_names, ax=ax)
-    canvas.draw()
-    rgba = np.asarray(canvas.buffer_rgba())  # (H, W, 4)
+    FigureCanvasAgg(figure).draw()  # the canvas becomes figure.canvas
+    rgba = np.asarray(figure.canvas.buffer_rgba())  # (H, W, 4)
     return np.ascontiguousarray(rgba[:, :, :3].transpose(2, 0, 1))  # (3, H, W)
 
 
@@ -96,8 +90,7 @@ class Visualizer:
         with contextlib.suppress(Exception):
             socket.create_connection((host, port), timeout=1.0).close()
             logging.getLogger('visdom').setLevel(logging.ERROR)
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore', DeprecationWarning)
+            with warnings.catch_warnings(action='ignore', category=DeprecationWarning):
                 client = _Client(server=server, port=port, env=env, raise_exceptions=True,
                                  use_incoming_socket=False)
             self._client = client if client.check_connection() else None
@@ -126,8 +119,7 @@ class Visualizer:
         try:
             getattr(self._client, method)(*args, **kwargs)
         except Exception as error:
-            warnings.warn(f'visdom call failed ({error}); plots are off from now on',
-                          stacklevel=3)
+            warnings.warn(f'visdom call failed ({error}); plots are off from now on', stacklevel=3)
             self._client = None
 
 
@@ -135,8 +127,9 @@ class _Client(visdom.Visdom):
     """visdom.Visdom with a timeout on every request, and errors raised instead of printed."""
 
     def _handle_post(self, url, data=None):
-        # visdom's documented hook for its HTTP posts; the timeout bounds a hung server.
-        return self.session.post(url, data=data, timeout=_TIMEOUT_S).text
+        # visdom's documented hook for its HTTP posts. After 5 s without an answer the
+        # Visualizer gives up on a hung server: training must go on.
+        return self.session.post(url, data=data, timeout=5.0).text
 
     def win_exists(self, win, env=None):
         # visdom's version prints on a connection error; ours lets Visualizer._call see it.

@@ -45,17 +45,17 @@ class FeaturePyramid(nn.Module):
         # every level is exactly half the one below and the top-down sums line up.
         height, width = x.shape[-2:]
         x = F.pad(x, (0, -width % 32, 0, -height % 32))
-        lateral = []  # C2..C5, each brought to `channels` by its 1x1 conv
+        merged = []  # C2..C5, each brought to `channels` by its 1x1 conv
         for stage, conv in zip(self.stages, self.lateral):
             x = stage(x)
-            lateral.append(conv(x))
-        top_down = [lateral[-1]]  # from C5 down: each level plus the one above, upsampled
-        for level in range(len(lateral) - 2, -1, -1):  # C4, C3, C2
-            top_down.insert(0, lateral[level] + F.interpolate(
-                top_down[0], size=lateral[level].shape[-2:], mode='nearest'))
+            merged.append(conv(x))
+        # The top-down pathway: from C4 down, each level plus the merged one above, upsampled.
+        for level in range(len(merged) - 2, -1, -1):  # C4, C3, C2
+            merged[level] = merged[level] + F.interpolate(
+                merged[level + 1], size=merged[level].shape[-2:], mode='nearest')
         pyramid = []  # P2..P5, each sum smoothed by its 3x3 conv
         for level, conv in enumerate(self.output):
-            pyramid.append(conv(top_down[level]))
+            pyramid.append(conv(merged[level]))
         pyramid.append(F.max_pool2d(pyramid[-1], kernel_size=1, stride=2))  # P6
         return pyramid
 

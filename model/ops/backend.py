@@ -33,12 +33,10 @@ def use_cupy(tensor, backend='auto'):
     """
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
-    if backend == 'torchvision':
-        return False
-    if not tensor.is_cuda:
-        if backend == 'cupy':
-            raise ValueError("backend='cupy' needs a CUDA tensor and CuPy (pip install -r "
-                             f"requirements-gpu.txt); got a {tensor.device.type} tensor")
+    if backend == 'cupy' and not tensor.is_cuda:
+        raise ValueError("backend='cupy' needs a CUDA tensor and CuPy (pip install -r "
+                         f"requirements-gpu.txt); got a {tensor.device.type} tensor")
+    if backend == 'torchvision' or not tensor.is_cuda:
         return False
     error = _cupy_error(tensor.device.index)
     if error is not None and backend == 'cupy':
@@ -50,18 +48,18 @@ def use_cupy(tensor, backend='auto'):
     return error is None
 
 
-def pool_rois(x, rois, backend, cupy_op, torchvision_op):
+def pool_rois(x, rois, backend, cupy_op, torchvision_op, *params):
     """RoIPool's and RoIAlign's forward: x (N, C, H, W) float; rois (R, 5) (batch index, x_min,
-    y_min, x_max, y_max) in input pixels. Runs cupy_op (our kernels' autograd Function, given
-    contiguous inputs) where use_cupy says so, else torchvision_op; both take (x, rois) in
-    float32 or float64: float16 / bfloat16 run in float32. Returns the output in x's dtype."""
+    y_min, x_max, y_max) in input pixels. Runs cupy_op (our kernels' autograd Function's apply,
+    given contiguous inputs) where use_cupy says so, else torchvision_op; both take (x, rois,
+    *params) with x and rois in float32 or float64: float16 / bfloat16 run in float32. Returns
+    the output in x's dtype."""
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f'rois must be (R, 5), got {tuple(rois.shape)}')
-    on_cupy = use_cupy(x, backend)
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    x_c, rois = x.to(dtype), rois.to(dtype)
-    out = cupy_op(x_c.contiguous(), rois.contiguous()) if on_cupy else torchvision_op(x_c, rois)
-    return out.to(x.dtype)
+    if use_cupy(x, backend):
+        return cupy_op(x.to(dtype).contiguous(), rois.to(dtype).contiguous(), *params).to(x.dtype)
+    return torchvision_op(x.to(dtype), rois.to(dtype), *params).to(x.dtype)
 
 
 @functools.cache

@@ -32,17 +32,12 @@ def non_maximum_suppression(bbox, thresh, score=None, limit=None, backend='auto'
         (K,) int64 indices into bbox, on bbox's device.
     """
     use_cupy = _backend.use_cupy(bbox, backend)
-    n_bbox = bbox.shape[0]
-    if n_bbox == 0:
-        return torch.empty(0, dtype=torch.int64, device=bbox.device)
-    if bbox.dtype not in (torch.float32, torch.float64):
-        bbox = bbox.float()
+    bbox = bbox if bbox.dtype == torch.float64 else bbox.float()  # float16 / bfloat16: float32
     if score is None:  # decreasing scores give the given order as priority
-        score = torch.arange(n_bbox, 0, -1, dtype=bbox.dtype, device=bbox.device)
-    if use_cupy:
-        return _nms_cupy(bbox, thresh, score, n_bbox if limit is None else min(limit, n_bbox))
-    keep = torchvision.ops.nms(bbox, score.to(bbox.dtype), thresh)
-    return keep[:limit]
+        score = torch.arange(len(bbox), 0, -1, dtype=bbox.dtype, device=bbox.device)
+    if use_cupy and len(bbox) > 0:  # no boxes: torchvision's empty result, no kernel launch
+        return _nms_cupy(bbox, thresh, score, len(bbox) if limit is None else min(limit, len(bbox)))
+    return torchvision.ops.nms(bbox, score.to(bbox.dtype), thresh)[:limit]
 
 
 def _nms_cupy(bbox, thresh, score, limit):
@@ -57,12 +52,10 @@ def _nms_cupy(bbox, thresh, score, limit):
     col_blocks = (n_bbox + 63) // 64
     mask = torch.empty(n_bbox * col_blocks, dtype=torch.int64, device=bbox.device)
     keep = torch.zeros(n_bbox, dtype=torch.uint8, device=bbox.device)
-    mask_kernel = _backend.compile_kernel('nms.cu', 'nms_mask', bbox.dtype)
-    reduce_kernel = _backend.compile_kernel('nms.cu', 'nms_reduce', bbox.dtype)
-    _backend.launch(mask_kernel, (col_blocks, col_blocks), (64,),
-                    (sorted_bbox, n_bbox, float(thresh), mask))
-    _backend.launch(reduce_kernel, (1,), (256,), (mask, n_bbox, limit, keep),
-                    shared_mem=col_blocks * 8)
+    _backend.launch(_backend.compile_kernel('nms.cu', 'nms_mask', bbox.dtype),
+                    (col_blocks, col_blocks), (64,), (sorted_bbox, n_bbox, float(thresh), mask))
+    _backend.launch(_backend.compile_kernel('nms.cu', 'nms_reduce', bbox.dtype), (1,), (256,),
+                    (mask, n_bbox, limit, keep), shared_mem=col_blocks * 8)
     return order[keep.bool()]
 
 

@@ -36,13 +36,14 @@ def _launch(name, source, rois, params, target):
 
 class RoIAlignFunction(torch.autograd.Function):
     """RoIAlign with our CUDA kernels: x (N, C, H, W), rois (R, 5), both float32 or both
-    float64, contiguous, on CUDA; returns (R, C, outh, outw)."""
+    float64, contiguous, on CUDA; output_size (PH, PW); the arguments of
+    torchvision.ops.roi_align. Returns (R, C, PH, PW)."""
 
     @staticmethod
-    def forward(ctx, x, rois, outh, outw, spatial_scale, sampling_ratio, aligned):
+    def forward(ctx, x, rois, output_size, spatial_scale, sampling_ratio, aligned):
         channels, height, width = x.shape[1:]
-        out = x.new_zeros((rois.shape[0], channels, outh, outw))
-        params = (float(spatial_scale), channels, height, width, outh, outw,
+        out = x.new_zeros((rois.shape[0], channels, *output_size))
+        params = (float(spatial_scale), channels, height, width, *output_size,
                   int(sampling_ratio), int(aligned), out.numel())
         _launch('roi_align_forward', x, rois, params, out)
         ctx.save_for_backward(rois)
@@ -56,7 +57,7 @@ class RoIAlignFunction(torch.autograd.Function):
         grad_input = grad_output.new_zeros(ctx.x_shape)  # (N, C, H, W)
         grad_output = grad_output.contiguous()  # (R, C, PH, PW)
         _launch('roi_align_backward', grad_output, rois, ctx.params, grad_input)
-        return grad_input, None, None, None, None, None, None
+        return grad_input, None, None, None, None, None
 
 
 class RoIAlign(nn.Module):
@@ -79,9 +80,6 @@ class RoIAlign(nn.Module):
     def forward(self, x, rois):
         """x: (N, C, H, W) float; rois: (R, 5) (batch index, x_min, y_min, x_max, y_max) in
         input pixels. Returns (R, C, PH, PW) in x's dtype."""
-        return _backend.pool_rois(
-            x, rois, self.backend,
-            lambda x, rois: RoIAlignFunction.apply(x, rois, *self.output_size, self.spatial_scale,
-                                                   self.sampling_ratio, self.aligned),
-            lambda x, rois: torchvision.ops.roi_align(x, rois, self.output_size, self.spatial_scale,
-                                                      self.sampling_ratio, self.aligned))
+        return _backend.pool_rois(x, rois, self.backend, RoIAlignFunction.apply,
+                                  torchvision.ops.roi_align, self.output_size, self.spatial_scale,
+                                  self.sampling_ratio, self.aligned)

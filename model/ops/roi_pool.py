@@ -22,15 +22,16 @@ from model.ops import backend as _backend
 
 class RoIPoolFunction(torch.autograd.Function):
     """RoI max pooling with our CUDA kernels: x (N, C, H, W), rois (R, 5), both float32 or both
-    float64, contiguous, on CUDA; returns (R, C, outh, outw)."""
+    float64, contiguous, on CUDA; output_size (PH, PW); the arguments of
+    torchvision.ops.roi_pool. Returns (R, C, PH, PW)."""
 
     @staticmethod
-    def forward(ctx, x, rois, outh, outw, spatial_scale):
+    def forward(ctx, x, rois, output_size, spatial_scale):
         n_roi, channels, height, width = rois.shape[0], *x.shape[1:]
-        out = x.new_empty((n_roi, channels, outh, outw))  # the kernel writes every element
+        out = x.new_empty((n_roi, channels, *output_size))  # the kernel writes every element
         argmax = torch.empty(out.shape, dtype=torch.int32, device=x.device)
         _backend.launch_per_element('roi_pool.cu', 'roi_pool_forward', out.numel(), (
-            x, rois, float(spatial_scale), channels, height, width, outh, outw, out.numel(),
+            x, rois, float(spatial_scale), channels, height, width, *output_size, out.numel(),
             out, argmax))
         ctx.save_for_backward(rois, argmax)
         ctx.x_shape = x.shape
@@ -46,7 +47,7 @@ class RoIPoolFunction(torch.autograd.Function):
         grad_input = grad.new_zeros(ctx.x_shape)  # (N, C, H, W)
         _backend.launch_per_element('roi_pool.cu', 'roi_pool_backward', grad.numel(), (
             grad, argmax, rois, channels, height, width, outh * outw, grad.numel(), grad_input))
-        return grad_input, None, None, None, None
+        return grad_input, None, None, None
 
 
 class RoIPool(nn.Module):
@@ -65,8 +66,6 @@ class RoIPool(nn.Module):
     def forward(self, x, rois):
         """x: (N, C, H, W) float; rois: (R, 5) (batch index, x_min, y_min, x_max, y_max) in
         input pixels. Returns (R, C, outh, outw) in x's dtype."""
-        size, scale = (self.outh, self.outw), self.spatial_scale
-        return _backend.pool_rois(
-            x, rois, self.backend,
-            lambda x, rois: RoIPoolFunction.apply(x, rois, *size, scale),
-            lambda x, rois: torchvision.ops.roi_pool(x, rois, size, scale))
+        return _backend.pool_rois(x, rois, self.backend, RoIPoolFunction.apply,
+                                  torchvision.ops.roi_pool, (self.outh, self.outw),
+                                  self.spatial_scale)

@@ -70,7 +70,6 @@ class Winograd3x3(torch.autograd.Function):
         """x (N, C_in, H, W); weight (C_out, C_in, 3, 3); bias (C_out,) or None.
         Returns (N, C_out, H, W)."""
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return torch._nnpack_spatial_convolution(x.contiguous(), weight.contiguous(), bias,
                                                  [1, 1], [1, 1])
 
@@ -79,14 +78,14 @@ class Winograd3x3(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = grad_weight = grad_bias = None
+        grad_x = None
         if ctx.needs_input_grad[0]:
             rotated = weight.flip(2, 3).transpose(0, 1).contiguous()  # (C_in, C_out, 3, 3)
             grad_x = torch._nnpack_spatial_convolution(grad, rotated, None, [1, 1], [1, 1])
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1],
-                [1, 1], False, [0, 0], 1, [False, ctx.needs_input_grad[1], ctx.has_bias])
+        # The kernel's and the bias's gradients, each only where needed (else None).
+        _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [False, *ctx.needs_input_grad[1:]])
         return grad_x, grad_weight, grad_bias
 
 
@@ -111,10 +110,9 @@ def use_winograd(module, enabled=True):
     every WinogradConv2d an nn.Conv2d again, in place: the same parameters and state dict.
     Returns module."""
     for layer in module.modules():
-        if enabled and (type(layer) is nn.Conv2d and layer.kernel_size == (3, 3)
-                        and layer.stride == (1, 1) and layer.padding == (1, 1)
-                        and layer.dilation == (1, 1) and layer.groups == 1
-                        and layer.padding_mode == 'zeros'):
+        if enabled and type(layer) is nn.Conv2d and (
+                layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups,
+                layer.padding_mode) == ((3, 3), (1, 1), (1, 1), (1, 1), 1, 'zeros'):
             layer.__class__ = WinogradConv2d
         elif not enabled and type(layer) is WinogradConv2d:
             layer.__class__ = nn.Conv2d
