@@ -17,9 +17,8 @@ import textwrap
 import time
 from pathlib import Path
 
-import fire
 from PIL import Image
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import trainer
@@ -29,7 +28,7 @@ from model.ops.speed import fast_mixed_precision, keep_freed_memory, mixed_preci
 from utils.checkpoint import load_checkpoint, load_detector
 from utils.config import FIXED_ON_RESUME, GROUPS, Config, documented, option_help, option_name
 from utils.evaluate import evaluate, format_result, images_per_second
-from utils.run import new_run_dir, unique_name, write_atomic
+from utils.run import new_run_dir, run_command, unique_name, write_atomic
 from utils.vis_tool import bbox_image
 
 # The options that change what eval measures; train takes every Config field.
@@ -106,8 +105,8 @@ def eval(load_path, **options):  # noqa: A001 (the CLI verb)
     checkpoint's run's."""
     model, cfg, class_names, _ = load_model(load_path, options.pop('device', 'auto'), **options)
     cfg.check_data_dir()
-    test = trainer.bbox_dataset(cfg, 'test', class_names)
-    result = evaluate(model, Subset(test, trainer.usable(cfg, test)), cfg.batch_size,
+    test = trainer.usable_test_set(cfg, trainer.bbox_dataset(cfg, 'test', class_names))
+    result = evaluate(model, test, cfg.batch_size,
                       cfg.test_n_images, cfg.metric, cfg.num_workers, report=True, amp=cfg.amp)
     print(format_result(result, class_names, cfg.metric))
 
@@ -201,28 +200,37 @@ def usage(verb):
     return '\n'.join(lines)
 
 
+def check_flags(verb, argv):
+    """A --flag that a verb with a fixed signature (detect) does not take is refused before any
+    work (fire would run the verb first); train and eval check theirs against the Config."""
+    parameters = inspect.signature(COMMANDS[verb]).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    for arg in argv:
+        name = arg[2:].split('=')[0].replace('-', '_')
+        if arg.startswith('--') and name not in parameters and name[2:] not in parameters:
+            raise ValueError(f'{option_name(name)} is not an option of {verb}; '
+                             f'python train.py {verb} --help lists them')
+
+
 def main(argv=None):
     """The command line. An error a user can cause (a bad option, path, data or checkpoint)
     ends the command with one line naming it; --debug shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = '--debug' in argv
-    argv = [arg for arg in argv if arg != '--debug']
-    if not argv or argv[0] in ('--help', '-h'):
+    verb, options = (argv or ['--help'])[0], [arg for arg in argv[1:] if arg != '--debug']
+    if verb in ('--help', '-h'):
         return print(__doc__.strip())
-    if argv[0] not in COMMANDS:
-        sys.exit(f'error: unknown command {argv[0]!r}; choose one of {", ".join(COMMANDS)} '
+    if verb not in COMMANDS:
+        sys.exit(f'error: unknown command {verb!r}; choose one of {", ".join(COMMANDS)} '
                  '(python train.py --help)')
-    if {'--help', '-h'} & set(argv[1:]):
-        return print(usage(argv[0]))
-    keep_freed_memory()
+    if {'--help', '-h'} & set(options):
+        return print(usage(verb))
     try:
-        fire.Fire(COMMANDS, command=argv)
-    except (ValueError, OSError) as e:
-        if debug:
-            raise
-        # An error from a DataLoader worker carries the worker's traceback; its last line is
-        # the original message.
-        sys.exit(f'error: {str(e).strip().splitlines()[-1]}')
+        check_flags(verb, options)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    keep_freed_memory()
+    run_command(COMMANDS, argv)
 
 
 if __name__ == '__main__':

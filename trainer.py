@@ -92,7 +92,12 @@ def build_model(cfg, n_fg_class, load_weights=True):
         hint = ' (make it with misc/convert_caffe_pretrain.py)' if cfg.caffe_pretrain else ''
         raise ValueError(f'no {cfg.extractor} weights at {weights}{hint}')
     weights = (weights or cfg.pretrained) if load_weights else None
-    return run_fast(build_faster_rcnn(n_fg_class, cfg.model_options(), weights), cfg.compile)
+    try:
+        model = build_faster_rcnn(n_fg_class, cfg.model_options(), weights)
+    except OSError as e:  # the download of --pretrained=imagenet
+        raise ValueError(f'--pretrained=imagenet: {e}; or download the file elsewhere and '
+                         'give it with --pretrained-path') from e
+    return run_fast(model, cfg.compile)
 
 
 def run_fast(model, compile_extractor=False):
@@ -122,6 +127,17 @@ def usable(cfg, dataset):
     return usable_indices(dataset, *size_limits(cfg), cfg.skip_bad)
 
 
+def usable_test_set(cfg, test):
+    """The test split's images the detector can use; a warning counts those skipped (bad
+    files with --skip-bad, and sizes the detector cannot use)."""
+    test_set = Subset(test, usable(cfg, test))
+    skipped = len(getattr(test, 'skipped', ())) + len(test) - len(test_set)
+    if skipped:
+        warnings.warn(f'{skipped} test images skipped (see above): the test mAP leaves them '
+                      'out', stacklevel=2)
+    return test_set
+
+
 def run_data(cfg, class_names=None):
     """(train, val, test) datasets of a run, the class names, the number held out, and the
     COCO category id of each class (None for VOC-format data).
@@ -138,9 +154,14 @@ def run_data(cfg, class_names=None):
     order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     val_idx = sorted(kept[k] for k in order[:n_val])  # held out of training, fixed by the seed
     train_idx = sorted(kept[k] for k in order[n_val:])
+    source = {'coco': cfg.coco_json, 'coco2017': cfg.coco_dir}.get(cfg.dataset,
+                                                                   cfg.voc_data_dir)
     if not train_idx:
-        raise DataError(f'{cfg.voc_data_dir or cfg.dataset}: no usable training images '
+        raise DataError(f'{source or cfg.dataset}: no usable training images '
                         f'(the trainval split has {len(trainval)}, {len(kept)} usable)')
+    if not any(len(trainval.get_annotation(i)[1]) for i in train_idx):
+        raise DataError(f'{source or cfg.dataset}: the training split has no objects, so '
+                        'there is nothing to learn; annotate some, or check --class-names')
     n_val_objects = sum(int((~trainval.get_annotation(i)[2]).sum()) for i in val_idx)
     if val_idx and not n_val_objects:
         warnings.warn(f'the {len(val_idx)} images held out for validation contain no objects, '
@@ -148,7 +169,7 @@ def run_data(cfg, class_names=None):
     train_set = TrainDataset(Subset(trainval, train_idx), cfg.min_size, cfg.max_size,
                              cfg.normalization, seed=cfg.seed, use_difficult=cfg.use_difficult)
     val_set = Subset(trainval, val_idx) if n_val_objects else None
-    test_set = Subset(test, usable(cfg, test))
+    test_set = usable_test_set(cfg, test)
     return train_set, val_set, test_set, class_names, n_val, getattr(trainval, 'category_ids',
                                                                      None)
 
@@ -213,7 +234,7 @@ def train(cfg, run_dir, state=None):
 
 def test_best(model, run_dir, test_set, class_names, cfg, log, step):
     """Loads best.pt into the model and prints its per-class AP on the test split."""
-    best = load_checkpoint(run_dir / 'best.pt', next(model.parameters()).device)
+    best = load_checkpoint(run_dir / 'best.pt')
     model.load_state_dict(best['model'])
     result = evaluate(model, test_set, cfg.batch_size, cfg.test_n_images, cfg.metric,
                       cfg.num_workers, report=True, amp=cfg.amp)

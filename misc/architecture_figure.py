@@ -17,7 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-import fire
 import matplotlib
 import torch
 from matplotlib.figure import Figure
@@ -31,6 +30,7 @@ from data.dataset import build_bbox_dataset  # noqa: E402
 from data.util import read_image  # noqa: E402
 from model.transform import denormalize  # noqa: E402
 from utils.checkpoint import load_detector  # noqa: E402
+from utils.run import run_command  # noqa: E402
 from utils.vis_tool import vis_bbox  # noqa: E402
 
 FIGSIZE, DPI = (12, 8), 80  # inches; the PNG is 960 x 640 pixels
@@ -300,4 +300,4 @@ def main(checkpoint=None, image=None, out='docs/architecture.png'):
 
 
 if __name__ == '__main__':
-    fire.Fire(main)
+    run_command(main)

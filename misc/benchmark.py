@@ -31,7 +31,6 @@ from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
-import fire
 import torch
 import torchvision
 from torch import nn
@@ -60,6 +59,7 @@ from model.ops.speed import (  # noqa: E402
 from model.transform import normalize  # noqa: E402
 from trainer import make_optimizer  # noqa: E402
 from utils.config import Config  # noqa: E402
+from utils.run import run_command  # noqa: E402
 
 # Our stages in pipeline order; a dotted name is part of the stage before the dot.
 STAGES = ('preprocess', 'backbone', 'rpn', 'rpn.proposals', 'anchor_targets', 'proposal_targets',
@@ -607,4 +607,4 @@ def main(height=600, width=800, batch_size=1, repeat=5, warmup=1, device='cpu', 
 
 
 if __name__ == '__main__':
-    fire.Fire(main)
+    run_command(main)

@@ -13,12 +13,13 @@ import os
 import sys
 from pathlib import Path
 
-import fire
 import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.backbones.base import read_torch_file  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
+from utils.run import run_command  # noqa: E402
 
 CAFFE_VGG16_URL = 'https://s3-us-west-2.amazonaws.com/jcjohns-models/vgg16-00b39a1b.pth'
 # The layers we keep: every conv of features, fc6 (classifier.0) and fc7 (classifier.3).
@@ -49,11 +50,15 @@ def convert_state(state, source='the source'):
 def main(source=CAFFE_VGG16_URL, out='weights/vgg16_caffe.pth'):
     """Reads ``source`` (a URL or a local path), checks it and writes ``out``."""
     if source.startswith(('http://', 'https://')):
-        state = torch.hub.load_state_dict_from_url(source, map_location='cpu', weights_only=True)
-    elif os.path.isfile(source):
-        state = torch.load(source, map_location='cpu', weights_only=True)
+        try:
+            state = torch.hub.load_state_dict_from_url(source, map_location='cpu',
+                                                       weights_only=True)
+        except OSError as e:  # no network: urllib's URLError
+            raise ValueError(f'cannot download the caffe VGG16 weights from {source} '
+                             f'({getattr(e, "reason", e)}); download the file where there is '
+                             'a network and give it with --source=FILE') from e
     else:
-        raise ValueError(f'--source: no file at {source} (give a path or a URL)')
+        state = read_torch_file(source, '--source file')
     converted = convert_state(state, source)
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     save_checkpoint(converted, out)
@@ -62,4 +67,4 @@ def main(source=CAFFE_VGG16_URL, out='weights/vgg16_caffe.pth'):
 
 
 if __name__ == '__main__':
-    fire.Fire(main)
+    run_command(main)

@@ -15,12 +15,13 @@ import re
 import sys
 from pathlib import Path
 
-import fire
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.backbones.base import read_torch_file  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.config import Config  # noqa: E402
+from utils.run import run_command  # noqa: E402
 
 # torchvision's key prefix -> ours. Newer torchvision wraps the FPN and RPN convs in a
 # Sequential ('inner_blocks.0.0.', 'conv.0.0.'); older files do not: both are accepted.
@@ -59,7 +60,7 @@ def torchvision_to_ours(state):
                 ours[renamed] = value
                 break
         else:
-            raise ValueError(f'{key} is not part of torchvision\'s fasterrcnn_resnet50_fpn')
+            raise ValueError(f'it has {key}, which is not part of it')
     return ours
 
 
@@ -76,11 +77,23 @@ def main(source='coco', out='weights/resnet50_fpn_coco.pt', class_names=None):
     (downloaded). class_names: the foreground classes in label order (default: COCO's)."""
     if source == 'coco':
         from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
-        state = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.get_state_dict(progress=True)
+        published = FasterRCNN_ResNet50_FPN_Weights.COCO_V1
+        try:
+            state = published.get_state_dict(progress=True)
+        except OSError as e:  # no network: urllib's URLError
+            raise ValueError(f"--source=coco: cannot download torchvision's COCO weights from "
+                             f'{published.url} ({getattr(e, "reason", e)}); download the file '
+                             'where there is a network and give it with --source=FILE') from e
     else:
-        state = torch.load(source, map_location='cpu', weights_only=True)
-    model = torchvision_to_ours(state)
-    n_fg_class = model['head.score.weight'].shape[0] - 1
+        state = read_torch_file(source, '--source file')
+    if not isinstance(state, dict):
+        raise ValueError(f'{source} does not hold a state dict')
+    try:
+        model = torchvision_to_ours(state)
+        n_fg_class = model['head.score.weight'].shape[0] - 1
+    except (ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f'{source} is not a state dict of torchvision\'s '
+                         f'fasterrcnn_resnet50_fpn ({e})') from e
     category_ids = None
     if class_names is None and n_fg_class == 90:
         class_names, category_ids = coco_class_names()
@@ -98,4 +111,4 @@ def main(source='coco', out='weights/resnet50_fpn_coco.pt', class_names=None):
 
 
 if __name__ == '__main__':
-    fire.Fire(main)
+    run_command(main)

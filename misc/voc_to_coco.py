@@ -14,12 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-import fire
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.toy import CLASS_NAMES  # noqa: E402
 from data.voc_dataset import VOCBboxDataset  # noqa: E402
 from utils.config import Config  # noqa: E402
+from utils.run import run_command  # noqa: E402
 
 
 def write_coco_json(root, out=None, class_names=CLASS_NAMES):
@@ -66,4 +65,4 @@ def main(root, out=None, class_names=None):
 
 
 if __name__ == '__main__':
-    fire.Fire(main)
+    run_command(main)

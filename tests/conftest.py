@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,23 @@ def trained_run(toy_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp('trained') / 'run'
     trainer.train(Config.from_kwargs(**tiny_run_options(toy_root, run_dir.parent)), run_dir)
     return run_dir
+
+
+@pytest.fixture(scope='session')
+def quickstart_run(tmp_path_factory):
+    """README's quick start, trained once per session with its defaults (only the folders
+    moved): its run folder, for every test that needs a well-trained model."""
+    import trainer
+    from utils.config import Config
+    root = tmp_path_factory.mktemp('quickstart')
+    os.environ['FRCNN_CACHE'] = str(root / 'cache')  # the toy dataset, generated here
+    try:
+        cfg = Config.from_kwargs(dataset='toy', device='cpu', out_dir=str(root),
+                                 run_name='quickstart', visdom=False)
+        trainer.train(cfg, root / 'quickstart')
+    finally:
+        del os.environ['FRCNN_CACHE']
+    return root / 'quickstart'
 
 
 def score_lists(metric, preds, gts, **kwargs):

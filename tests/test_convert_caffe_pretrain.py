@@ -47,6 +47,6 @@ def test_wrong_names_and_shapes_are_named(caffe_like, tmp_path):
     torch.save(bad, tmp_path / 'bad.pth')
     with pytest.raises(ValueError, match='bad.pth has no features.10.weight'):
         convert(str(tmp_path / 'bad.pth'), str(tmp_path / 'out.pth'))
-    with pytest.raises(ValueError, match='--source: no file at'):
+    with pytest.raises(ValueError, match='no --source file at'):
         convert(str(tmp_path / 'missing.pth'), str(tmp_path / 'out.pth'))
     assert not (tmp_path / 'out.pth').exists()

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -142,6 +144,12 @@ PINNED = {
 }
 
 
+@functools.cache
+def plain_run(extractor):
+    """pinned_run of the plain model, computed once for the tests that compare with it."""
+    return pinned_run(extractor)
+
+
 def pinned_run(extractor, speed_switch=False):
     """The pinned test's losses, sum of squared gradients and per-image detection sums, of the
     plain model (the pins'), or with the speed switch on."""
@@ -170,7 +178,7 @@ def pinned_run(extractor, speed_switch=False):
 def test_numbers_pinned_before_the_refactor(extractor):
     """The model as build_faster_rcnn returns it: NCHW, torch's direct convolutions."""
     pinned = PINNED[extractor]
-    losses, grad_sq, pred = pinned_run(extractor)
+    losses, grad_sq, pred = plain_run(extractor)
     for name, value in losses.items():
         assert value == pytest.approx(pinned[name], rel=1e-5, abs=1e-7), name
     assert grad_sq == pytest.approx(pinned['grad_sq'], rel=1e-5)
@@ -201,7 +209,7 @@ def test_channels_last_computes_what_nchw_computes(monkeypatch, extractor):
     the small model (BatchNorm on batch statistics) it moves one sampled RoI's loss terms:
     roi_cls_loss by 1.2e-4, the squared gradient norm by 0.4%, and the order of the second
     image's tied proposals (see PINNED), so only the first image's detections are compared."""
-    nchw = pinned_run(extractor)
+    nchw = plain_run(extractor)
     channels_last = switched_run(monkeypatch, extractor, torch.channels_last, winograd=False)
     assert_rounding_apart(channels_last, nchw, extractor)
 
@@ -222,7 +230,7 @@ def test_winograd_computes_what_direct_convolutions_compute(monkeypatch, extract
     """Winograd changes only the convolutions' rounding: VGG16's losses agree to 1e-5 of the
     direct ones; the small model's BatchNorm on batch statistics amplifies the change, and
     its second image's tied proposals move, as in channels-last above."""
-    direct = pinned_run(extractor)
+    direct = plain_run(extractor)
     winograd = switched_run(monkeypatch, extractor, torch.contiguous_format, winograd=True)
     assert_rounding_apart(winograd, direct, extractor)
 

@@ -172,7 +172,7 @@ def test_converted_torchvision_weights_load_as_a_checkpoint(twins, tmp_path):
     old = {k.replace('rpn.head.conv.0.0.', 'rpn.head.conv.')
            .replace('_blocks.0.0.', '_blocks.0.'): v for k, v in state.items()}
     assert torchvision_to_ours(old).keys() == torchvision_to_ours(state).keys()
-    with pytest.raises(ValueError, match='roi_heads.mask_head.x is not part of'):
+    with pytest.raises(ValueError, match='has roi_heads.mask_head.x, which is not part of it'):
         torchvision_to_ours({**state, 'roi_heads.mask_head.x': torch.zeros(1)})
     with pytest.raises(ValueError, match='has 3 classes; give their names'):
         main(source=str(tmp_path / 'tv.pth'), out=str(tmp_path / 'x.pt'), class_names='a,b')

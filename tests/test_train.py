@@ -237,29 +237,33 @@ def test_demo_notebook_runs(trained_run, toy_root, monkeypatch):
 
 
 @pytest.mark.slow
-def test_quick_start_trains_the_toy_dataset_to_map_09(tmp_path, monkeypatch):
-    """README's quick start with its defaults (only the folders moved): test mAP >= 0.9."""
-    monkeypatch.setenv('FRCNN_CACHE', str(tmp_path / 'cache'))
-    train(dataset='toy', device='cpu', out_dir=str(tmp_path), run_name='quickstart',
-          visdom=False)
-    test = records(tmp_path / 'quickstart', split='test')[-1]
+def test_quick_start_trains_the_toy_dataset_to_map_09(quickstart_run):
+    """README's quick start with its defaults: test mAP >= 0.9 (0.92-0.93 measured)."""
+    test = records(quickstart_run, split='test')[-1]
     assert test['map'] >= 0.9, test
 
 
+# small_fpn on the toy dataset as COCO JSON, for 5 epochs instead of 10 (lr decay after 4), one
+# thread as in the suite: AP50 0.869 (seed 0) and 0.871 (seed 1), COCO AP 0.566 and 0.582 (an
+# untrained model scores near 0). Half the quick start's cost, the run shows that the
+# COCO-format path and the feature pyramid learn (the two readers give identical samples:
+# test_coco_dataset.py); the bar leaves room for another CPU's rounding.
+COCO_FPN_AP50 = 0.8
+
+
 @pytest.mark.slow
-def test_toy_dataset_as_coco_json_reaches_ap50_085(tmp_path, monkeypatch):
-    """README's COCO-format toy run: the quick start's images and model as COCO JSON, scored
-    with COCO AP; AP50 >= 0.85 (0.966 measured)."""
+def test_small_fpn_learns_the_toy_dataset_as_coco_json(tmp_path, monkeypatch):
+    """The quick start's images as COCO JSON, the CPU-sized feature pyramid, COCO AP: AP50 >=
+    COCO_FPN_AP50 after 5 epochs; detect writes the JSON's category ids."""
     from data.toy import toy_dataset_dir
     from misc.voc_to_coco import write_coco_json
     monkeypatch.setenv('FRCNN_CACHE', str(tmp_path / 'cache'))
     files = write_coco_json(toy_dataset_dir(), tmp_path / 'json')
     train(dataset='coco', coco_json=str(files['trainval']), coco_test_json=str(files['test']),
-          extractor='small', min_size=256, max_size=400, anchor_scales=(2, 4, 8), epochs=10,
-          lr_milestones=(7,), num_workers=0, device='cpu', out_dir=str(tmp_path),
-          run_name='coco', visdom=False)
+          extractor='small_fpn', min_size=256, max_size=400, epochs=5, lr_milestones=(4,),
+          num_workers=0, device='cpu', out_dir=str(tmp_path), run_name='coco', visdom=False)
     test = records(tmp_path / 'coco', split='test')[-1]
-    assert test['ap50'] >= 0.85 and test['map'] == test['ap'], test
+    assert test['ap50'] >= COCO_FPN_AP50 and test['map'] == test['ap'], test
     # detect maps labels back to the JSON's category ids (circle 1, square 2, triangle 3)
     image = sorted((toy_dataset_dir() / 'JPEGImages').glob('*.jpg'))[-1]
     detect(str(tmp_path / 'coco' / 'best.pt'), str(image), out_dir=str(tmp_path / 'det'),
@@ -267,16 +271,6 @@ def test_toy_dataset_as_coco_json_reaches_ap50_085(tmp_path, monkeypatch):
     found = json.loads((tmp_path / 'det' / 'detections.json').read_text())[0]['detections']
     names = {'circle': 1, 'square': 2, 'triangle': 3}
     assert found and all(d['category_id'] == names[d['label']] for d in found)
-
-
-@pytest.mark.slow
-def test_small_fpn_trains_the_toy_dataset_to_map_09(tmp_path, monkeypatch):
-    """README's CPU-sized feature pyramid on the quick start's data, with its defaults."""
-    monkeypatch.setenv('FRCNN_CACHE', str(tmp_path / 'cache'))
-    train(dataset='toy', extractor='small_fpn', device='cpu', out_dir=str(tmp_path),
-          run_name='fpn', visdom=False)
-    test = records(tmp_path / 'fpn', split='test')[-1]
-    assert test['map'] >= 0.9, test
 
 
 @pytest.mark.parametrize('verb, groups', [

@@ -9,10 +9,12 @@ trainer adds its own state and 'config'.
 """
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from model.backbones.base import read_torch_file
 from model.faster_rcnn import ModelOptions, build_faster_rcnn
 
 
@@ -35,22 +37,19 @@ def save_checkpoint(state, path):
             os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # others, e.g. KeyboardInterrupt, need no explaining
-        reason = 'no space left on device' if getattr(e, 'errno', None) == errno.ENOSPC else e
+        # torch.save reports the file's OSError as a bare C++ assert: look behind it
+        full = any(getattr(x, 'errno', None) == errno.ENOSPC for x in (e, e.__context__))
+        reason = 'no space left on device' if full or (
+            isinstance(e, RuntimeError) and shutil.disk_usage(tmp.parent).free < 2**20) else e
         raise CheckpointError(f'cannot write checkpoint {path}: {reason}') from e
     finally:
         tmp.unlink(missing_ok=True)  # renamed away, or half written: the old file is intact
 
 
-def load_checkpoint(path, map_location='cpu', required=('model', 'class_names')):
+def load_checkpoint(path, required=('model', 'class_names')):
     """The dict saved at path, loaded as data; CheckpointError names the file if it is
     missing, unreadable, or lacks one of the `required` keys."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f'no checkpoint at {path}')
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, corrupt or not a torch file: say which file
-        raise CheckpointError(f'{path} is not a readable checkpoint '
-                              f'({type(e).__name__}: {e})') from e
+    state = read_torch_file(path, 'checkpoint', CheckpointError)
     missing = set(required) - set(state) if isinstance(state, dict) else set(required)
     if missing:
         raise CheckpointError(f'{path} is not a frcnn checkpoint: it has no {sorted(missing)}')

@@ -28,6 +28,7 @@ from data.dataset import DATASETS
 from model.backbones import BACKBONES
 from model.faster_rcnn import EXTRACTOR_DEFAULTS, PAPER_DEFAULTS, ModelOptions
 from model.ops import BACKENDS
+from model.ops.backend import cupy_problem
 from model.transform import NORMALIZATION
 
 # Per-dataset values for the options whose default is None.
@@ -124,10 +125,13 @@ def _coerce(name, annotation, value):
     if typing.get_origin(kind) is tuple:
         item = typing.get_args(kind)[0]
         if isinstance(value, str):  # --class-names=cat,dog that fire left as one string
-            value = [v for v in value.split(',') if v.strip()]
+            value = [v.strip() for v in value.split(',')] if value.strip() else []
         values = value if isinstance(value, (list, tuple)) else [value]
         if not values:
             raise ValueError(f'{option_name(name)} needs at least one value')
+        if any(v == '' for v in values):
+            raise ValueError(f'{option_name(name)}={",".join(map(str, values))} has an empty '
+                             'value; remove the extra comma')
         return tuple(_scalar(name, item, v) for v in values)
     return _scalar(name, kind, value)
 
@@ -336,6 +340,13 @@ class Config(RunOptions, SolverOptions, WeightOptions, ModelOptions, DataOptions
             raise ValueError('--caffe-pretrain needs --normalization=caffe (the caffe VGG16 '
                              'expects BGR 0..255 minus the pixel means)')
 
+    def check_backend(self):
+        """--backend=cupy needs CuPy working on a GPU here (--backend=auto falls back)."""
+        problem = cupy_problem() if self.backend == 'cupy' else None
+        if problem:
+            raise ValueError(f'--backend=cupy cannot run here ({problem}); use --backend=auto '
+                             'or install CuPy (requirements-gpu.txt) on a machine with a GPU')
+
     def check_data_dir(self):
         """The data the dataset needs must exist (the toy dataset makes its own)."""
         needs = {'coco': ('coco_json',), 'coco2017': ('coco_dir',), 'toy': ()}
@@ -389,6 +400,7 @@ class Config(RunOptions, SolverOptions, WeightOptions, ModelOptions, DataOptions
         ``need_data=False`` skips the data-folder check (loading a model to detect with).
         """
         cfg = cls(**cls.parse_options(kwargs))
+        cfg.check_backend()
         if need_data:
             cfg.check_data_dir()
         return cfg

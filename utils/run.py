@@ -2,18 +2,28 @@
 record per logged step and per evaluation) and the checkpoints. Files are written whole or not
 at all (a temporary file, then a rename), and a new run never takes an old run's folder.
 """
+import atexit
+import collections
 import json
 import math
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
+
+import fire
 
 
 def write_atomic(path, text):
     """Writes text to path through a temporary file and a rename: never half a file."""
     tmp = Path(f'{path}.tmp')
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f'cannot write {path}: {e.strerror or e}') from e
 
 
 def unique_name(name, taken):
@@ -51,7 +61,7 @@ def save_config(options, run_dir):
         write_atomic(run_dir / 'config.json', text)
         return
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{run_dir.name}-', dir=run_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix='.new-run-', dir=run_dir.parent))  # any legal name fits
     (tmp / 'config.json').write_text(text)
     tmp.chmod(0o755)  # mkdtemp makes it private
     tmp.rename(run_dir)
@@ -85,3 +95,43 @@ def _record_step(line):
         return json.loads(line)['step']
     except (ValueError, KeyError, TypeError):  # a line cut by a kill: drop it
         return math.inf
+
+
+def one_line(error):
+    """The line of an error's message that says what happened: the first, or for a DataLoader
+    worker's error (the worker's traceback) the last, which is the original message."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if 'Traceback (most recent call last)' in str(error):
+        return lines[-1]
+    return lines[0] if lines else type(error).__name__
+
+
+_warning_counts, _first_warning = collections.Counter(), {}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, limit=3):
+    place = filename, lineno
+    _warning_counts[place] += 1
+    _first_warning.setdefault(place, str(message))
+    if _warning_counts[place] <= limit:
+        print(f'warning: {message}', file=sys.stderr)
+    elif _warning_counts[place] == limit + 1:  # the first one not shown: count them at exit
+        atexit.register(lambda: print(f'warning: {_warning_counts[place] - limit} more like '
+                                      f'"{_first_warning[place][:80]}" not shown',
+                                      file=sys.stderr))
+
+
+def run_command(target, argv=None, errors=(ValueError, OSError)):
+    """fire.Fire(target) on argv (default: the command line) with the project's one error
+    path: an expected error ends the program with one line 'error: ...' (exit status 1), or
+    with --debug its traceback. Warnings are one line each, 'warning: ...'; after 3 from one
+    place, the rest are counted and their number printed at the end."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = '--debug' in argv
+    warnings.showwarning = _show_warning
+    try:
+        return fire.Fire(target, command=[arg for arg in argv if arg != '--debug'])
+    except errors as e:
+        if debug:
+            raise
+        sys.exit(f'error: {one_line(e)}')

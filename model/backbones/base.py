@@ -1,4 +1,5 @@
 """What every backbone gives the detector, and how its pre-trained weights are loaded."""
+import os
 from typing import NamedTuple
 
 import torch
@@ -28,6 +29,25 @@ def freeze(*modules):
         module.requires_grad_(False)
 
 
+def read_torch_file(path, what='checkpoint', error=ValueError):
+    """What torch.save wrote to path, loaded as data only (weights_only: tensors and plain
+    values, never code). `error` names the file when it is missing or cannot be loaded."""
+    if not os.path.isfile(path):
+        raise error(f'no {what} at {path}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding Python objects
+        # torch's weights_only message: advice, what it met, more advice
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = ([line for line in lines[1:] if not line.startswith(('Please', 'Check'))]
+                  or lines or [type(e).__name__])[0].rstrip('.')
+        if 'GLOBAL' in detail:
+            raise error(f'{path} holds Python objects a {what} may not hold ({detail}); it '
+                        'is loaded as data only') from e
+        raise error(f'{path} is not a readable {what}: not a file torch.save wrote whole '
+                    f'({detail})') from e
+
+
 def load_pretrained(model, weights, name, skip=()):
     """Loads ImageNet weights into torchvision's model `name` ('vgg16', 'resnet50', ...), name
     by name and shape by shape; keys starting with `skip` (the ImageNet classifier) are unused.
@@ -36,12 +56,14 @@ def load_pretrained(model, weights, name, skip=()):
     torchvision's published weights (downloaded once into torch.hub's cache).
     """
     if weights == 'imagenet':
-        state = torchvision.models.get_model_weights(name)['IMAGENET1K_V1'].get_state_dict()
-    else:
+        published = torchvision.models.get_model_weights(name)['IMAGENET1K_V1']
         try:
-            state = torch.load(weights, map_location='cpu', weights_only=True)
-        except Exception as e:  # missing, truncated or not a torch file
-            raise ValueError(f'cannot read {name} weights from {weights}: {e}') from e
+            state = published.get_state_dict()
+        except OSError as e:  # no network: urllib's URLError
+            raise OSError(f"cannot download torchvision's ImageNet {name} weights from "
+                          f'{published.url} ({getattr(e, "reason", e)})') from e
+    else:
+        state = read_torch_file(weights, f'{name} weights file')
     needed = {key: value.shape for key, value in model.state_dict().items()
               if not key.startswith(skip) and not key.endswith('num_batches_tracked')}
     missing = sorted(set(needed) - set(state)) if isinstance(state, dict) else ['everything']

@@ -26,6 +26,11 @@ def _cupy_error(device_index):
     return None
 
 
+def cupy_problem():
+    """None if our CuPy kernels can run on this machine's first GPU, else why not."""
+    return _cupy_error(0) if torch.cuda.is_available() else 'no CUDA GPU'
+
+
 def use_cupy(tensor, backend='auto'):
     """True if the op on `tensor` should run our CuPy kernels, False for torchvision.ops.
 
