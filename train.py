@@ -200,35 +200,18 @@ def usage(verb):
     return '\n'.join(lines)
 
 
-def check_flags(verb, argv):
-    """A --flag that a verb with a fixed signature (detect) does not take is refused before any
-    work (fire would run the verb first); train and eval check theirs against the Config."""
-    parameters = inspect.signature(COMMANDS[verb]).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        return
-    for arg in argv:
-        name = arg[2:].split('=')[0].replace('-', '_')
-        if arg.startswith('--') and name not in parameters and name[2:] not in parameters:
-            raise ValueError(f'{option_name(name)} is not an option of {verb}; '
-                             f'python train.py {verb} --help lists them')
-
-
 def main(argv=None):
     """The command line. An error a user can cause (a bad option, path, data or checkpoint)
     ends the command with one line naming it; --debug shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    verb, options = (argv or ['--help'])[0], [arg for arg in argv[1:] if arg != '--debug']
+    verb = (argv or ['--help'])[0]
     if verb in ('--help', '-h'):
         return print(__doc__.strip())
     if verb not in COMMANDS:
         sys.exit(f'error: unknown command {verb!r}; choose one of {", ".join(COMMANDS)} '
                  '(python train.py --help)')
-    if {'--help', '-h'} & set(options):
+    if {'--help', '-h'} & set(argv[1:]):
         return print(usage(verb))
-    try:
-        check_flags(verb, options)
-    except ValueError as e:
-        sys.exit(f'error: {e}')
     keep_freed_memory()
     run_command(COMMANDS, argv)
 

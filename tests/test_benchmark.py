@@ -9,6 +9,7 @@ from model.ops.speed import WinogradConv2d, speed_up
 from model.transform import normalize
 
 
+@pytest.mark.slow
 def test_smoke_tiny_images(tmp_path, capsys):
     # 64x96: a 4x6 feature map, seconds per run; the no-proposal path is tested below.
     out = tmp_path / 'b.json'
@@ -127,6 +128,7 @@ def test_twin_of_a_c4_backbone_pools_as_ours():
             ours.head.classifier(ours.head.pool(features, rois).flatten(1)))
 
 
+@pytest.mark.slow
 def test_smoke_fpn_against_torchvisions_own(tmp_path):
     out = tmp_path / 'b.json'
     main(height=64, width=96, repeat=1, warmup=0, n_class=2, out=str(out), threads=2,

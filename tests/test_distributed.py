@@ -76,6 +76,7 @@ def one_ddp_step(rank, init_method, state, samples, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_step_equals_one_process_with_the_whole_batch(tmp_path):
     samples = two_samples()
     model = model_without_batchnorm(tiny_config())

@@ -15,6 +15,7 @@ from conftest import tiny_run_options
 from model.ops.backend import cupy_problem
 from utils.run import save_config
 
+pytestmark = pytest.mark.slow  # each case starts Python and imports torch: ~5 s
 ROOT = Path(__file__).resolve().parents[1]
 # No network: downloads meet a closed port on loopback, and an empty torch.hub cache.
 OFFLINE = {'https_proxy': 'http://127.0.0.1:9', 'http_proxy': 'http://127.0.0.1:9'}
@@ -64,8 +65,16 @@ def test_detect_refuses_an_unknown_or_train_only_option_before_any_work(trained_
     image = sorted((toy_root / 'JPEGImages').glob('*.jpg'))[0]
     result = run('train.py', 'detect', f'--load-path={trained_run / "best.pt"}', image,
                  f'--out-dir={tmp_path / "out"}', option)
-    assert_fails_in_one_line(result, option.split('=')[0], 'detect --help')
+    assert_fails_in_one_line(result, option.split('=')[0], 'train.py detect --help')
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_misc_script_refuses_an_unknown_option_before_any_work(tmp_path):
+    """Without the check, the caffe converter would first try its download."""
+    result = run('misc/convert_caffe_pretrain.py', '--sourse=vgg16.pth',
+                 f'--out={tmp_path / "out.pt"}', env={**OFFLINE, 'TORCH_HOME': str(tmp_path)})
+    assert_fails_in_one_line(result, '--sourse', 'convert_caffe_pretrain.py --help')
+    assert 'Downloading' not in result.stderr and not (tmp_path / 'out.pt').exists()
 
 
 # --- training data with no objects ----------------------------------------------------------

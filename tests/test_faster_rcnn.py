@@ -174,7 +174,7 @@ def pinned_run(extractor, speed_switch=False):
     return {name: float(value) for name, value in losses.items()}, grad_sq, pred
 
 
-@pytest.mark.parametrize('extractor', ['small', 'vgg16'])
+@pytest.mark.parametrize('extractor', ['small', pytest.param('vgg16', marks=pytest.mark.slow)])
 def test_numbers_pinned_before_the_refactor(extractor):
     """The model as build_faster_rcnn returns it: NCHW, torch's direct convolutions."""
     pinned = PINNED[extractor]
@@ -203,7 +203,7 @@ def switched_run(monkeypatch, extractor, layout, winograd):
     return result
 
 
-@pytest.mark.parametrize('extractor', ['small', 'vgg16'])
+@pytest.mark.parametrize('extractor', ['small', pytest.param('vgg16', marks=pytest.mark.slow)])
 def test_channels_last_computes_what_nchw_computes(monkeypatch, extractor):
     """Channels-last changes only the convolutions' rounding. VGG16 agrees to 1e-5; in
     the small model (BatchNorm on batch statistics) it moves one sampled RoI's loss terms:
@@ -225,7 +225,7 @@ def assert_rounding_apart(run, reference, extractor):
 
 
 @pytest.mark.skipif(not torch._nnpack_available(), reason='this torch build has no NNPACK')
-@pytest.mark.parametrize('extractor', ['small', 'vgg16'])
+@pytest.mark.parametrize('extractor', ['small', pytest.param('vgg16', marks=pytest.mark.slow)])
 def test_winograd_computes_what_direct_convolutions_compute(monkeypatch, extractor):
     """Winograd changes only the convolutions' rounding: VGG16's losses agree to 1e-5 of the
     direct ones; the small model's BatchNorm on batch statistics amplifies the change, and

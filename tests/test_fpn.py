@@ -59,6 +59,7 @@ def twins():
     return ours, theirs, image.float()
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_equal_to_torchvision_fasterrcnn_resnet50_fpn(twins):
     ours, theirs, image = twins

@@ -250,6 +250,7 @@ def test_mixed_precision_warns_where_it_is_slower_than_float32(monkeypatch):
             assert torch.is_autocast_enabled('cpu')
 
 
+@pytest.mark.slow
 def test_keep_freed_memory_stops_page_faults_on_reused_blocks():
     """glibc by default maps blocks over 32 MB fresh: every 64 MB tensor page-faults anew.
     After keep_freed_memory, once the heap has grown to hold them (the first two may take new

@@ -39,6 +39,7 @@ def test_run_folder_holds_config_metrics_and_checkpoints(trained_run):
     assert state['class_names'] == ['circle', 'square', 'triangle']
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(toy_root, tmp_path):
     opts = dict(epochs=2, lr_milestones=(1,))
     train(**tiny_run_options(toy_root, tmp_path / 'straight', **opts))
@@ -195,6 +196,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_visdom_server_receives_loss_curves(toy_root, tmp_path):
     import visdom
     port = free_port()
@@ -222,6 +224,7 @@ def test_visdom_server_receives_loss_curves(toy_root, tmp_path):
         server.wait(10)
 
 
+@pytest.mark.slow
 def test_demo_notebook_runs(trained_run, toy_root, monkeypatch):
     import nbclient
     import nbformat
@@ -273,6 +276,7 @@ def test_small_fpn_learns_the_toy_dataset_as_coco_json(tmp_path, monkeypatch):
     assert found and all(d['category_id'] == names[d['label']] for d in found)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('verb, groups', [
     ('train', ('data', 'model', 'solver', 'run')), ('eval', ('data', 'model', 'solver', 'run')),
     ('detect', ())])

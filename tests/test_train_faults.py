@@ -248,6 +248,7 @@ def test_full_disk_names_the_checkpoint_and_leaves_no_temporary_file(trained_run
 
 # --- the reference port's command -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_caffe_pretrain_trains_vgg16_from_the_caffe_weights(tmp_path):
     """`train --caffe-pretrain` (the reference port's command) on the toy data: VGG16 starts
     from the weights file; conv1-conv2 are frozen, so they end exactly as loaded."""
@@ -299,6 +300,7 @@ def run_cli(*args, cwd=ROOT):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args, message', [
     (['--epochs=abc'], "error: --epochs='abc' is not a whole number"),
     (['--epochs=1.5'], 'error: --epochs=1.5 is not a whole number'),
@@ -312,6 +314,7 @@ def test_cli_errors_are_one_line(args, message):
     assert result.stderr.startswith(message) and result.stderr.count('\n') == 1, result.stderr
 
 
+@pytest.mark.slow
 def test_cli_debug_shows_the_traceback():
     result = run_cli('train', '--debug', '--epochs=abc')
     assert result.returncode == 1 and 'Traceback' in result.stderr

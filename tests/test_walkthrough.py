@@ -4,6 +4,7 @@ import math
 import re
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,6 +18,7 @@ def numbers(pattern, text):
     return [int(group) for group in match.groups()]
 
 
+@pytest.mark.slow
 def test_walkthrough_notebook_runs(trained_run, toy_root, monkeypatch):
     import nbclient
     import nbformat

@@ -4,6 +4,7 @@ at all (a temporary file, then a rename), and a new run never takes an old run's
 """
 import atexit
 import collections
+import inspect
 import json
 import math
 import sys
@@ -121,16 +122,37 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, lim
                                       file=sys.stderr))
 
 
+def check_flags(function, args, command):
+    """Refuses a --flag that function does not take, before any work (fire would run the
+    function first and complain after); a function taking **options checks them itself."""
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    for arg in args:
+        name = arg[2:].split('=')[0].replace('-', '_')
+        if (arg.startswith('--') and arg != '--help' and name not in parameters
+                and name[2:] not in parameters):  # fire's --noflag sets flag to False
+            raise ValueError(f'--{name.replace("_", "-")} is not an option of {command}; '
+                             f'{command} --help lists them')
+
+
 def run_command(target, argv=None, errors=(ValueError, OSError)):
-    """fire.Fire(target) on argv (default: the command line) with the project's one error
-    path: an expected error ends the program with one line 'error: ...' (exit status 1), or
-    with --debug its traceback. Warnings are one line each, 'warning: ...'; after 3 from one
-    place, the rest are counted and their number printed at the end."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """fire.Fire(target) (a function, or a dict of verbs) on argv (default: the command line)
+    with the project's one error path: options are checked before any work, and an expected
+    error ends the program with one line 'error: ...' (exit status 1), or with --debug its
+    traceback. Warnings are one line each, 'warning: ...'; after 3 from one place, the rest
+    are counted and their number printed at the end."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     debug = '--debug' in argv
+    argv = [arg for arg in argv if arg != '--debug']
     warnings.showwarning = _show_warning
+    command = f'python {sys.argv[0]}'
     try:
-        return fire.Fire(target, command=[arg for arg in argv if arg != '--debug'])
+        if isinstance(target, dict):
+            check_flags(target[argv[0]], argv[1:], f'{command} {argv[0]}')
+        else:
+            check_flags(target, argv, command)
+        return fire.Fire(target, command=argv)
     except errors as e:
         if debug:
             raise
