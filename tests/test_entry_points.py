@@ -136,9 +136,10 @@ def test_pretrained_imagenet_offline_names_the_option_the_url_and_the_way_around
     ('misc/convert_caffe_pretrain.py', 'random.pt', 'is not a readable --source file'),
     ('misc/convert_caffe_pretrain.py', 'other.pt', 'not a VGG16 state dict'),
     ('misc/convert_torchvision_fpn.py', 'evil.pt', 'holds Python objects'),
-    ('misc/convert_torchvision_fpn.py', 'other.pt', "not a state dict of torchvision's")])
+    ('misc/convert_torchvision_fpn.py', 'other.pt', "not a state dict of torchvision's"),
+    ('misc/convert_sfr_checkpoint.py', 'random.pt', 'not a readable simple-faster-rcnn')])
 def test_converters_name_a_bad_source_in_one_line(bad_files, tmp_path, script, name, says):
-    """Both converters read --source through the same checked loader; each case once."""
+    """The converters read --source through the same checked loader; each case once."""
     result = run(script, f'--source={bad_files / name}', f'--out={tmp_path / "out.pt"}')
     assert says in assert_fails_in_one_line(result, bad_files / name)
     assert not (tmp_path / 'out.pt').exists()
