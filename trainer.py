@@ -94,7 +94,9 @@ def build_model(cfg, n_fg_class, load_weights=True):
     weights = (weights or cfg.pretrained) if load_weights else None
     try:
         model = build_faster_rcnn(n_fg_class, cfg.model_options(), weights)
-    except OSError as e:  # the download of --pretrained=imagenet
+    except OSError as e:  # offline: the download of --pretrained=imagenet
+        if weights != 'imagenet':
+            raise
         raise ValueError(f'--pretrained=imagenet: {e}; or download the file elsewhere and '
                          'give it with --pretrained-path') from e
     return run_fast(model, cfg.compile)

@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.backbones.base import read_torch_file  # noqa: E402
+from model.backbones.base import download, read_torch_file  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.run import run_command  # noqa: E402
 
@@ -51,12 +51,12 @@ def main(source=CAFFE_VGG16_URL, out='weights/vgg16_caffe.pth'):
     """Reads ``source`` (a URL or a local path), checks it and writes ``out``."""
     if source.startswith(('http://', 'https://')):
         try:
-            state = torch.hub.load_state_dict_from_url(source, map_location='cpu',
-                                                       weights_only=True)
-        except OSError as e:  # no network: urllib's URLError
-            raise ValueError(f'cannot download the caffe VGG16 weights from {source} '
-                             f'({getattr(e, "reason", e)}); download the file where there is '
-                             'a network and give it with --source=FILE') from e
+            state = download('the caffe VGG16 weights', source,
+                             lambda: torch.hub.load_state_dict_from_url(
+                                 source, map_location='cpu', weights_only=True))
+        except OSError as e:
+            raise ValueError(f'{e}; download the file where there is a network and give it '
+                             'with --source=FILE') from e
     else:
         state = read_torch_file(source, '--source file')
     converted = convert_state(state, source)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.backbones.base import read_torch_file  # noqa: E402
+from model.backbones.base import download, read_torch_file  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.config import Config  # noqa: E402
 from utils.run import run_command  # noqa: E402
@@ -79,11 +79,11 @@ def main(source='coco', out='weights/resnet50_fpn_coco.pt', class_names=None):
         from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
         published = FasterRCNN_ResNet50_FPN_Weights.COCO_V1
         try:
-            state = published.get_state_dict(progress=True)
-        except OSError as e:  # no network: urllib's URLError
-            raise ValueError(f"--source=coco: cannot download torchvision's COCO weights from "
-                             f'{published.url} ({getattr(e, "reason", e)}); download the file '
-                             'where there is a network and give it with --source=FILE') from e
+            state = download("torchvision's COCO weights", published.url,
+                             published.get_state_dict)
+        except OSError as e:
+            raise ValueError(f'--source=coco: {e}; download the file where there is a network '
+                             'and give it with --source=FILE') from e
     else:
         state = read_torch_file(source, '--source file')
     if not isinstance(state, dict):

@@ -22,10 +22,9 @@ OFFLINE = {'https_proxy': 'http://127.0.0.1:9', 'http_proxy': 'http://127.0.0.1:
 
 
 def run(script, *args, env=None, cwd=ROOT):
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **(env or {})})
-    return result
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
 
 
 def assert_fails_in_one_line(result, *named):

@@ -107,19 +107,20 @@ def one_line(error):
     return lines[0] if lines else type(error).__name__
 
 
+WARNINGS_SHOWN = 3  # from one place; the rest are counted
 _warning_counts, _first_warning = collections.Counter(), {}
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None, limit=3):
+def _show_warning(message, category, filename, lineno, file=None, line=None):
     place = filename, lineno
     _warning_counts[place] += 1
     _first_warning.setdefault(place, str(message))
-    if _warning_counts[place] <= limit:
+    if _warning_counts[place] <= WARNINGS_SHOWN:
         print(f'warning: {message}', file=sys.stderr)
-    elif _warning_counts[place] == limit + 1:  # the first one not shown: count them at exit
-        atexit.register(lambda: print(f'warning: {_warning_counts[place] - limit} more like '
-                                      f'"{_first_warning[place][:80]}" not shown',
-                                      file=sys.stderr))
+    elif _warning_counts[place] == WARNINGS_SHOWN + 1:  # the first not shown: count at exit
+        atexit.register(lambda: print(
+            f'warning: {_warning_counts[place] - WARNINGS_SHOWN} more like '
+            f'"{_first_warning[place][:80]}" not shown', file=sys.stderr))
 
 
 def check_flags(function, args, command):
@@ -130,8 +131,8 @@ def check_flags(function, args, command):
         return
     for arg in args:
         name = arg[2:].split('=')[0].replace('-', '_')
-        if (arg.startswith('--') and arg != '--help' and name not in parameters
-                and name[2:] not in parameters):  # fire's --noflag sets flag to False
+        negated = name.startswith('no') and name[2:] in parameters  # fire's --noflag
+        if arg.startswith('--') and arg != '--help' and name not in parameters and not negated:
             raise ValueError(f'--{name.replace("_", "-")} is not an option of {command}; '
                              f'{command} --help lists them')
 

@@ -48,6 +48,14 @@ def read_torch_file(path, what='checkpoint', error=ValueError):
                     f'({detail})') from e
 
 
+def download(what, url, fetch):
+    """fetch() (a download of `what` from url); offline, an OSError that names both."""
+    try:
+        return fetch()
+    except OSError as e:  # no network: urllib's URLError, whose reason says why
+        raise OSError(f'cannot download {what} from {url} ({getattr(e, "reason", e)})') from e
+
+
 def load_pretrained(model, weights, name, skip=()):
     """Loads ImageNet weights into torchvision's model `name` ('vgg16', 'resnet50', ...), name
     by name and shape by shape; keys starting with `skip` (the ImageNet classifier) are unused.
@@ -57,11 +65,8 @@ def load_pretrained(model, weights, name, skip=()):
     """
     if weights == 'imagenet':
         published = torchvision.models.get_model_weights(name)['IMAGENET1K_V1']
-        try:
-            state = published.get_state_dict()
-        except OSError as e:  # no network: urllib's URLError
-            raise OSError(f"cannot download torchvision's ImageNet {name} weights from "
-                          f'{published.url} ({getattr(e, "reason", e)})') from e
+        state = download(f"torchvision's ImageNet {name} weights", published.url,
+                         published.get_state_dict)
     else:
         state = read_torch_file(weights, f'{name} weights file')
     needed = {key: value.shape for key, value in model.state_dict().items()
