@@ -3,6 +3,7 @@
     python train.py train [--dataset=toy|voc07|voc0712|custom|coco|coco2017] [--option=value ...]
     python train.py eval --load-path=runs/<run>/best.pt
     python train.py detect --load-path=runs/<run>/best.pt image.jpg [more.jpg ...]
+    python train.py export --load-path=runs/<run>/best.pt --out=model.onnx   (then --onnx=)
     python train.py VERB --help     every option of the verb: type, default and meaning
     torchrun --nproc_per_node=K train.py train ...   (data-parallel, one process per device)
 
@@ -27,7 +28,8 @@ from data.util import DataError
 from model.ops.speed import fast_mixed_precision, keep_freed_memory, mixed_precision
 from utils.checkpoint import load_checkpoint, load_detector
 from utils.config import FIXED_ON_RESUME, GROUPS, Config, documented, option_help, option_name
-from utils.evaluate import evaluate, format_result, images_per_second
+from utils.evaluate import evaluate, format_result, images_per_second, model_device
+from utils.export import EXPORTED, OnnxDetector, export_checkpoint
 from utils.run import new_run_dir, run_command, unique_name, write_atomic
 from utils.vis_tool import bbox_image
 
@@ -77,33 +79,45 @@ def train(**options):
     trainer.train(cfg, run_dir, state)
 
 
-def load_model(load_path, device='cpu', **overrides):
-    """A trained detector from a checkpoint, set up to run fast: (model in eval mode, Config,
-    class names, the COCO category id of each class or None).
+def load_model(load_path, device='cpu', onnx=None, **overrides):
+    """A trained detector from a checkpoint, set up to run fast, or with onnx an exported file
+    in ONNX Runtime: (model in eval mode, Config, class names, the COCO category id of each
+    class or None).
 
-    overrides: eval's options (EVAL_OPTIONS). Without --amp, the checkpoint's setting, except
-    on a device where mixed precision is slower.
+    overrides: eval's options (EVAL_OPTIONS, less EXPORTED with onnx). Without --amp, the
+    checkpoint's setting, except on a device where mixed precision is slower.
     """
     for name in Config.parse_options(overrides):
-        if name not in EVAL_OPTIONS:
-            raise ValueError(f'{option_name(name)} does not apply to a trained model; '
-                             'python train.py eval --help lists the options that do')
-    state = load_checkpoint(load_path, required=('model', 'class_names', 'config'))
-    device = trainer.pick_device(device)
-    if 'amp' not in overrides and not fast_mixed_precision(device):
+        if name not in EVAL_OPTIONS or (onnx and name in EXPORTED):
+            raise ValueError(f'{option_name(name)} does not apply to ' + (
+                f'{onnx}: export it again to change it' if onnx and name in EXPORTED else
+                'a trained model; python train.py eval --help lists the options that do'))
+    if (load_path is None) == (onnx is None):
+        raise ValueError('give either --load-path=CHECKPOINT or --onnx=FILE')
+    model = OnnxDetector(onnx) if onnx else None
+    state = model.meta if onnx else load_checkpoint(
+        load_path, required=('model', 'class_names', 'config'))
+    device = trainer.pick_device('cpu' if onnx else device)
+    if onnx or ('amp' not in overrides and not fast_mixed_precision(device)):
         overrides['amp'] = False
     cfg = Config.from_kwargs(**{**state['config'], **overrides, 'caffe_pretrain': False,
                                 'pretrained_path': None, 'pretrained': None, 'resume': None},
                              need_data=False)
-    model, class_names = load_detector(state, device, **dataclasses.asdict(cfg.model_options()))
-    return trainer.run_fast(model, cfg.compile), cfg, class_names, state.get('category_ids')
+    if onnx:  # thresholds are inputs of the graph
+        model.presets['evaluate'] = dict(score_thresh=cfg.eval_score_thresh,
+                                         nms_thresh=cfg.eval_nms_thresh)
+    else:
+        model, _ = load_detector(state, device, **dataclasses.asdict(cfg.model_options()))
+        model = trainer.run_fast(model, cfg.compile)
+    return model, cfg, tuple(state['class_names']), state.get('category_ids')
 
 
-def eval(load_path, **options):  # noqa: A001 (the CLI verb)
-    """Per-class AP and mAP of a checkpoint on the test split (both VOC metrics, or with
-    --metric=coco COCO AP): the numbers train ends with. Options not given are the
-    checkpoint's run's."""
-    model, cfg, class_names, _ = load_model(load_path, options.pop('device', 'auto'), **options)
+def eval(load_path=None, onnx=None, **options):  # noqa: A001 (the CLI verb)
+    """Per-class AP and mAP of a checkpoint (or with --onnx, an exported file in ONNX Runtime)
+    on the test split (both VOC metrics, or with --metric=coco COCO AP): the numbers train ends
+    with. Options not given are the checkpoint's run's."""
+    model, cfg, class_names, _ = load_model(load_path, options.pop('device', 'auto'), onnx,
+                                            **options)
     cfg.check_data_dir()
     test = trainer.usable_test_set(cfg, trainer.bbox_dataset(cfg, 'test', class_names))
     result = evaluate(model, test, cfg.batch_size,
@@ -111,15 +125,16 @@ def eval(load_path, **options):  # noqa: A001 (the CLI verb)
     print(format_result(result, class_names, cfg.metric))
 
 
-def detect(load_path: str, *images, out_dir: str = 'detections', preset: str = 'visualize',
-           device: str = 'auto', batch_size: int = 1, num_workers: int = 2,
-           amp: bool | None = None):
+def detect(load_path: str | None = None, *images, onnx: str | None = None,
+           out_dir: str = 'detections', preset: str = 'visualize', device: str = 'auto',
+           batch_size: int = 1, num_workers: int = 2, amp: bool | None = None):
     """Draws the detected boxes on each image, at the image's own size, into out_dir/<name>.png
     and writes every detection to out_dir/detections.json. An image that cannot be read or used
     is reported, recorded with its error, and skipped; the command then fails naming how many.
 
     Args:
         load_path: the checkpoint (runs/<run>/best.pt)
+        onnx: instead, a file export wrote, run by ONNX Runtime on the CPU
         out_dir: where the pictures and detections.json go
         preset: visualize (confident boxes only) or evaluate (the paper's test thresholds)
         device: auto (CUDA where there is one), cpu or cuda
@@ -127,13 +142,15 @@ def detect(load_path: str, *images, out_dir: str = 'detections', preset: str = '
         num_workers: processes reading the images meanwhile
         amp: mixed precision (default: as the checkpoint was trained, where it is faster)
     """
+    if onnx is not None and load_path is not None:  # with --onnx, every argument is an image
+        load_path, images = None, (load_path, *images)
     if not images:
         raise ValueError('detect needs at least one image path')
     if preset not in ('visualize', 'evaluate'):
         raise ValueError(f'--preset={preset!r} is not valid; choose visualize or evaluate')
     options = dict(batch_size=batch_size, num_workers=num_workers, amp=amp)
     model, cfg, class_names, category_ids = load_model(
-        load_path, device, **{k: v for k, v in options.items() if v is not None})
+        load_path, device, onnx, **{k: v for k, v in options.items() if v is not None})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, taken = [], set()
@@ -141,7 +158,7 @@ def detect(load_path: str, *images, out_dir: str = 'detections', preset: str = '
                         num_workers=min(cfg.num_workers, len(images)), collate_fn=list)
     start = time.perf_counter()
     with (tqdm(total=len(images), desc='detect', disable=None) as bar,
-          mixed_precision(next(model.parameters()).device, cfg.amp)):
+          mixed_precision(model_device(model), cfg.amp)):
         for batch in loader:
             good = [i for i, (_, _, error) in enumerate(batch) if error is None]
             found = dict(zip(good, zip(*model.predict([batch[i][1] for i in good],
@@ -170,7 +187,27 @@ def detect(load_path: str, *images, out_dir: str = 'detections', preset: str = '
                         f'{out / "detections.json"})')
 
 
-COMMANDS = {'train': train, 'eval': eval, 'detect': detect}
+def export(load_path: str, out: str = 'model.onnx'):
+    """Writes a checkpoint's detector to one ONNX file that ONNX Runtime runs: an image of any
+    size in; boxes, labels and scores out (see README, Deploy).
+
+    Args:
+        load_path: the checkpoint (runs/<run>/best.pt)
+        out: the ONNX file to write
+    """
+    export_checkpoint(load_path, out)
+    print(f'{out} written; python train.py detect --onnx={out} IMAGE ... runs it')
+
+
+COMMANDS = {'train': train, 'eval': eval, 'detect': detect, 'export': export}
+
+
+def arguments_help(function, names=None):
+    """--help's lines for the documented arguments of function (or those of names)."""
+    parameters = inspect.signature(function).parameters
+    return [line for name, text in documented(function, 'Args').items() if name in (names or [name])
+            for line in option_help(name, parameters[name].annotation, parameters[name].default,
+                                    text)]
 
 
 def usage(verb):
@@ -180,16 +217,10 @@ def usage(verb):
     lines = [f'usage: python train.py {verb}{" --load-path=CHECKPOINT" * (verb != "train")}'
              f'{images} [--option=value ...]', '',
              *textwrap.wrap(inspect.getdoc(function).split('\n\n')[0], 100)]
-    if verb == 'detect':
-        parameters = inspect.signature(function).parameters
-        lines.append('\noptions:')
-        for name, text in documented(function, 'Args').items():
-            parameter = parameters[name]
-            lines += option_help(name, parameter.annotation, parameter.default, text)
-        return '\n'.join(lines)
-    if verb == 'eval':
-        lines += ['\ncheckpoint:', *option_help('load_path', str, inspect.Parameter.empty,
-                                                'the checkpoint (runs/<run>/best.pt)')]
+    if verb in ('detect', 'export'):
+        return '\n'.join(lines + ['\noptions:', *arguments_help(function)])
+    if verb == 'eval':  # its model: a checkpoint or an ONNX file, as detect's
+        lines += ['\ndetector:', *arguments_help(detect, ('load_path', 'onnx'))]
     for title, classes in GROUPS:
         fields = [(field, documented(cls, 'Attributes')[field.name]) for cls in classes
                   for field in dataclasses.fields(cls)

@@ -79,7 +79,7 @@ class PyramidRoIAlign(nn.Module):
         width, height = rois[:, 3] - rois[:, 1], rois[:, 4] - rois[:, 2]
         k = torch.floor(4 + torch.log2((width * height).sqrt() / 224) + 1e-6)  # eq. 1; eps as
         k = k.clamp(self.levels[0], self.levels[-1])  # torchvision's, for exact powers of two
-        pooled = rois.new_zeros((len(rois), features[0].shape[1], *self.output_size))
+        pooled = rois.new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
         for feature, level, align in zip(features, self.levels, self.aligns):
             mine = (k == level).nonzero()[:, 0]
             pooled[mine] = align(feature, rois[mine]).float()

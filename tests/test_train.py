@@ -279,7 +279,7 @@ def test_small_fpn_learns_the_toy_dataset_as_coco_json(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize('verb, groups', [
     ('train', ('data', 'model', 'solver', 'run')), ('eval', ('data', 'model', 'solver', 'run')),
-    ('detect', ())])
+    ('detect', ()), ('export', ())])
 def test_help_lists_the_options_with_type_default_and_meaning(verb, groups):
     """Through the real entry point: exit 0, every option of the verb with the type of its
     value, and the default where it has one."""
@@ -294,8 +294,10 @@ def test_help_lists_the_options_with_type_default_and_meaning(verb, groups):
     assert text.startswith(f'usage: python train.py {verb}')
     for group in groups:
         assert f'\n{group} options:\n' in text
-    names = {'train': [f.name for f in dataclasses.fields(Config)], 'eval': EVAL_OPTIONS,
-             'detect': ['out_dir', 'preset', 'device', 'batch_size', 'num_workers', 'amp']}[verb]
+    names = {'train': [f.name for f in dataclasses.fields(Config)],
+             'eval': [*EVAL_OPTIONS, 'load_path', 'onnx'], 'export': ['load_path', 'out'],
+             'detect': ['load_path', 'onnx', 'out_dir', 'preset', 'device', 'batch_size',
+                        'num_workers', 'amp']}[verb]
     for name in names:
         assert re.search(rf'^  --{name.replace("_", "-")}=\S+$', text, re.M), name
     if verb == 'train':

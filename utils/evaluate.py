@@ -27,7 +27,7 @@ def evaluate(model, dataset, batch_size=1, n_images=None, metric='voc', num_work
     loader = DataLoader(dataset, batch_size, collate_fn=collate_test, num_workers=num_workers)
     preds, gts = ([], [], []), ([], [], [])
     start = time.perf_counter()
-    with mixed_precision(next(model.parameters()).device, amp):
+    with mixed_precision(model_device(model), amp):
         for batch in tqdm(loader, desc='evaluate', leave=False, disable=None):
             for out, values in zip(preds, model.predict(batch['images'])):
                 out.extend(v.cpu() for v in values)
@@ -40,6 +40,11 @@ def evaluate(model, dataset, batch_size=1, n_images=None, metric='voc', num_work
     voc07, area = (eval_detection_voc(*preds, *gts, use_07_metric=use_07, pixel_inclusive=True,
                                       n_class=model.n_class - 1) for use_07 in (True, False))
     return {'map': voc07['map'], 'ap': voc07['ap'], 'map_area': area['map'], 'ap_area': area['ap']}
+
+
+def model_device(model):
+    """Where a detector runs: its parameters' device (an OnnxDetector's: the CPU)."""
+    return next(model.parameters()).device if hasattr(model, 'parameters') else torch.device('cpu')
 
 
 def images_per_second(n_images, seconds):
