@@ -70,8 +70,7 @@ class ProposalCreator:
                                  else (self.n_test_pre_nms, self.n_test_post_nms))
         n_per_level = n_per_level or [len(score)]
         starts = [0, *accumulate(n_per_level)]  # of each level's anchors in score
-        # each level's best, in anchor order: equal scores enter NMS in a fixed order
-        tops = [level_score.topk(min(n_pre_nms, len(level_score))).indices.sort()[0] + start
+        tops = [level_score.topk(min(n_pre_nms, len(level_score))).indices + start
                 for level_score, start in zip(score.split(n_per_level), starts)]
         level = torch.cat([torch.full_like(top, i) for i, top in enumerate(tops)])  # (K',)
         picked = torch.cat(tops)  # (K',) anchor indices, level by level

@@ -2,12 +2,13 @@
 and the runner that predicts with such a file through ONNX Runtime.
 
 The graph's inputs: image (3, H, W) float32 RGB 0..255 of any size (H and W are dynamic: one
-file serves every size), score_thresh and nms_thresh (float32 scalars) and max_per_image (an
-int64 scalar): predict's thresholds, so that one file serves both presets. Its outputs: boxes
-(K, 4) float32 x_min y_min x_max y_max in the image's pixels, labels (K,) int64 and scores (K,)
-float32, highest score first. Inside it: the resize, normalisation, extractor, RPN, proposals
-(ONNX NonMaxSuppression), RoI pooling (MaxRoiPool or RoiAlign), the head and the class-wise
-NMS. The file's metadata holds the class names.
+file serves every size; cast a uint8 image to float32), score_thresh and nms_thresh (float32
+scalars) and max_per_image (an int64 scalar): predict's thresholds, so that one file serves
+both presets. Its outputs: boxes (K, 4) float32 x_min y_min x_max y_max in the image's pixels,
+labels (K,) int64 and scores (K,) float32, highest score first. Inside it: the resize,
+normalisation, extractor, RPN, proposals (ONNX NonMaxSuppression), RoI pooling (MaxRoiPool or
+RoiAlign), the head and the class-wise NMS. The file's metadata holds, as JSON, the class
+names, the run's options, the COCO category ids and the 'evaluate' preset's thresholds.
 
 The graph is traced (torch.onnx.export's TorchScript exporter) from DetectorGraph, which
 reruns FasterRCNN.predict's steps for one image with every size a tensor: traced Python ints
@@ -118,7 +119,7 @@ class DetectorGraph(nn.Module):
             loc = rpn.loc(hidden).permute(0, 2, 3, 1).reshape(-1, 4)
             score = F.softmax(rpn.score(hidden).permute(0, 2, 3, 1).reshape(-1, 2), dim=1)[:, 1]
             top = score.topk(torch.clamp(torch.as_tensor(score.shape[0]),
-                                         max=creator.n_test_pre_nms)).indices.sort()[0]
+                                         max=creator.n_test_pre_nms)).indices
             anchor = enumerate_shifted_anchors(base, stride, *feature.shape[2:])
             picked.append((clip_boxes_to_image(loc2bbox(anchor[top], loc[top]), size),
                            score[top], torch.full_like(top, level)))

@@ -73,8 +73,7 @@ def batched_non_maximum_suppression(bbox, score, idxs, thresh, backend='auto'):
         thresh, backend: as in non_maximum_suppression.
 
     Returns:
-        (K,) int64 indices into bbox, by descending score over all groups, equal scores in
-        index order.
+        (K,) int64 indices into bbox, by descending score over all groups.
     """
     bbox = bbox if bbox.dtype == torch.float64 else bbox.float()
     if not _backend.use_cupy(bbox, backend) or bbox.shape[0] == 0:
@@ -82,10 +81,7 @@ def batched_non_maximum_suppression(bbox, score, idxs, thresh, backend='auto'):
         # for coordinates >= 0 (as clipped boxes are): move others there first.
         low = bbox.min() if bbox.shape[0] else 0
         bbox = bbox - low if low < 0 else bbox
-        keep = torchvision.ops.batched_nms(bbox, score.to(bbox.dtype), idxs, thresh).sort()[0]
-        # equal scores in index order, as our kernel and ONNX Runtime give them (batched_nms
-        # leaves ties in any order)
-        return keep[score[keep].sort(descending=True, stable=True).indices]
+        return torchvision.ops.batched_nms(bbox, score.to(bbox.dtype), idxs, thresh)
     span = bbox.max() - bbox.min() + 1
     shifted = bbox + (idxs.to(bbox.dtype) * span)[:, None]  # (R, 4)
     return non_maximum_suppression(shifted, thresh, score, backend=backend)
