@@ -47,11 +47,12 @@ def test_onnx_runtime_gives_predicts_detections_on_20_image_sizes(extractor, toy
     from torch's, which breaks such ties the other way and moves the NMS after them. A
     trained detector scores background under the threshold (the quick start test below runs
     the plain toy images). Inputs are resized from 224..320 px to 240..320 for the big
-    backbones, and their heads take 100 proposals instead of 300 (1000 with FPN): fewer keep
-    them quick."""
+    backbones, and their heads take 100 proposals instead of 300 (1000 with FPN), ResNet-50's
+    30 (its C4 head runs layer4 on each): fewer keep them quick."""
     torch.manual_seed(0)
     options = dict(min_size=256, max_size=400, anchor_scales=(2, 4, 8)) if (
-        extractor == 'small') else dict(min_size=240, max_size=320, n_test_post_nms=100)
+        extractor == 'small') else dict(min_size=240, max_size=320, n_test_post_nms=(
+            30 if extractor == 'resnet50' else 100))
     model = build_faster_rcnn(3, ModelOptions(extractor=extractor, **options)).eval()
     torch.nn.init.normal_(model.rpn.score.weight, 0, 0.3)
     torch.nn.init.normal_(model.head.score.weight, 0, 1.0)

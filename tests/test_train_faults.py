@@ -334,7 +334,8 @@ def test_kill_9_anywhere_then_resume_ends_as_an_uninterrupted_run(toy_root, tmp_
     weights as a run never killed. FRCNN_KILL_TRIALS sets the number of runs killed (3 in the
     suite; the closing note reports a longer loop)."""
     trials = int(os.environ.get('FRCNN_KILL_TRIALS', 3))
-    options = tiny_run_options(toy_root, tmp_path / 'straight', epochs=2)
+    options = tiny_run_options(toy_root, tmp_path / 'straight', epochs=2, min_size=128,
+                               max_size=160)
     start = time.monotonic()
     assert run_cli('train', *(f'--{k}={v}' for k, v in options.items())).returncode == 0
     duration = time.monotonic() - start
