@@ -1,6 +1,7 @@
 """Every command-line entry point fails in one line: train.py's verbs and the misc/ scripts,
-run as a user runs them (a subprocess). An expected failure exits with status 1 and at most
-two lines on stderr that name the file or option, and writes nothing."""
+run as a user runs them (a process of their own, forked by tests/launcher.py). An expected
+failure exits with status 1 and at most two lines on stderr that name the file or option, and
+writes nothing."""
 import json
 import os
 import shutil
@@ -11,20 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_run_options
+from launcher import run
 
 from model.ops.backend import cupy_problem
 from utils.run import save_config
 
-pytestmark = pytest.mark.slow  # each case starts Python and imports torch: ~5 s
+pytestmark = pytest.mark.slow  # each case starts a command: 0.3-5 s
 ROOT = Path(__file__).resolve().parents[1]
 # No network: downloads meet a closed port on loopback, and an empty torch.hub cache.
 OFFLINE = {'https_proxy': 'http://127.0.0.1:9', 'http_proxy': 'http://127.0.0.1:9'}
-
-
-def run(script, *args, env=None, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
 
 
 def assert_fails_in_one_line(result, *named):

@@ -48,11 +48,11 @@ def test_onnx_runtime_gives_predicts_detections_on_20_image_sizes(extractor, toy
     trained detector scores background under the threshold (the quick start test below runs
     the plain toy images). Inputs are resized from 224..320 px to 240..320 for the big
     backbones, and their heads take 100 proposals instead of 300 (1000 with FPN), ResNet-50's
-    30 (its C4 head runs layer4 on each): fewer keep them quick."""
+    10 (its C4 head runs layer4 on each): fewer keep them quick."""
     torch.manual_seed(0)
     options = dict(min_size=256, max_size=400, anchor_scales=(2, 4, 8)) if (
         extractor == 'small') else dict(min_size=240, max_size=320, n_test_post_nms=(
-            30 if extractor == 'resnet50' else 100))
+            10 if extractor == 'resnet50' else 100))
     model = build_faster_rcnn(3, ModelOptions(extractor=extractor, **options)).eval()
     torch.nn.init.normal_(model.rpn.score.weight, 0, 0.3)
     torch.nn.init.normal_(model.head.score.weight, 0, 1.0)
@@ -82,10 +82,10 @@ def ap_table(text):
 
 @pytest.mark.slow
 def test_quick_start_checkpoint_same_test_map_and_detections_through_onnx(
-        quickstart_run, tmp_path, monkeypatch, capsys):
+        quickstart_run, toy_cache, tmp_path, monkeypatch, capsys):
     """The README's commands: export the quick start's best.pt, then eval and detect with
     --onnx print the same AP table and write the same detections as with --load-path."""
-    monkeypatch.setenv('FRCNN_CACHE', str(quickstart_run.parent / 'cache'))  # its toy data
+    monkeypatch.setenv('FRCNN_CACHE', str(toy_cache))  # its toy data
     checkpoint, path = quickstart_run / 'best.pt', tmp_path / 'model.onnx'
     main(['export', f'--load-path={checkpoint}', f'--out={path}'])
     capsys.readouterr()
@@ -96,7 +96,7 @@ def test_quick_start_checkpoint_same_test_map_and_detections_through_onnx(
     assert len(tables[0]) == 8 and tables[0][3].split()[1] == tables[1][3].split()[1]
     assert [line[:-1] for line in tables[0]] == [line[:-1] for line in tables[1]]  # 3 digits
 
-    images = sorted((quickstart_run.parent / 'cache').rglob('*.jpg'))[:6]
+    images = sorted(toy_cache.rglob('*.jpg'))[:6]
     records = []
     for model in (f'--load-path={checkpoint}', f'--onnx={path}'):
         out = tmp_path / model[2:6]

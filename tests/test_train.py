@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import launcher
 import pytest
 import torch
 from conftest import tiny_run_options
@@ -247,30 +248,26 @@ def test_quick_start_trains_the_toy_dataset_to_map_09(quickstart_run):
     assert test['map'] >= 0.9, test
 
 
-# small_fpn on the toy dataset as COCO JSON, for 5 epochs instead of 10 (lr decay after 4) at
-# 192-300 px instead of 256-400: AP50 0.865 (seed 0) and 0.848 (seed 1), COCO AP 0.544 and
-# 0.560 (an untrained model scores near 0; 0.869 and 0.871 at 256-400 px), in 3 minutes. The
-# run shows that the COCO-format path and the feature pyramid learn (the two readers give
-# identical samples: test_coco_dataset.py); the bar leaves room for another CPU's rounding.
+# small_fpn on the toy dataset as COCO JSON (conftest.coco_fpn_args), for 5 epochs instead of 10
+# (lr decay after 4) at 192-300 px instead of 256-400, on one thread: AP50 0.853 (seed 0) and
+# 0.873 (seed 1), COCO AP 0.553 and 0.571 (an untrained model scores near 0; on two threads
+# 0.865 and 0.848), in about 4 minutes. The run shows that the COCO-format path and the feature
+# pyramid learn (the two readers give identical samples: test_coco_dataset.py); the bar leaves
+# room for another CPU's rounding.
 COCO_FPN_AP50 = 0.8
 
 
 @pytest.mark.slow
-def test_small_fpn_learns_the_toy_dataset_as_coco_json(tmp_path, monkeypatch):
-    """The quick start's images as COCO JSON, the CPU-sized feature pyramid, COCO AP: AP50 >=
-    COCO_FPN_AP50 after 5 epochs; detect writes the JSON's category ids."""
+def test_small_fpn_learns_the_toy_dataset_as_coco_json(coco_fpn_run, toy_cache, tmp_path):
+    """The quick start's images as COCO JSON, the CPU-sized feature pyramid, COCO AP (the run:
+    conftest.coco_fpn_args): AP50 >= COCO_FPN_AP50 after 5 epochs; detect writes the JSON's
+    category ids."""
     from data.toy import toy_dataset_dir
-    from misc.voc_to_coco import write_coco_json
-    monkeypatch.setenv('FRCNN_CACHE', str(tmp_path / 'cache'))
-    files = write_coco_json(toy_dataset_dir(), tmp_path / 'json')
-    train(dataset='coco', coco_json=str(files['trainval']), coco_test_json=str(files['test']),
-          extractor='small_fpn', min_size=192, max_size=300, epochs=5, lr_milestones=(4,),
-          num_workers=0, device='cpu', out_dir=str(tmp_path), run_name='coco', visdom=False)
-    test = records(tmp_path / 'coco', split='test')[-1]
+    test = records(coco_fpn_run, split='test')[-1]
     assert test['ap50'] >= COCO_FPN_AP50 and test['map'] == test['ap'], test
     # detect maps labels back to the JSON's category ids (circle 1, square 2, triangle 3)
-    image = sorted((toy_dataset_dir() / 'JPEGImages').glob('*.jpg'))[-1]
-    detect(str(tmp_path / 'coco' / 'best.pt'), str(image), out_dir=str(tmp_path / 'det'),
+    image = sorted((toy_dataset_dir(toy_cache) / 'JPEGImages').glob('*.jpg'))[-1]
+    detect(str(coco_fpn_run / 'best.pt'), str(image), out_dir=str(tmp_path / 'det'),
            preset='evaluate', device='cpu')
     found = json.loads((tmp_path / 'det' / 'detections.json').read_text())[0]['detections']
     names = {'circle': 1, 'square': 2, 'triangle': 3}
@@ -288,8 +285,7 @@ def test_help_lists_the_options_with_type_default_and_meaning(verb, groups):
 
     from train import EVAL_OPTIONS
     from utils.config import Config
-    done = subprocess.run([sys.executable, 'train.py', verb, '--help'], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = launcher.run('train.py', verb, '--help')
     assert done.returncode == 0 and not done.stderr, done.stderr
     text = done.stdout
     assert text.startswith(f'usage: python train.py {verb}')

@@ -10,10 +10,10 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import launcher
 import pytest
 import torch
 from conftest import tiny_run_options
@@ -296,8 +296,7 @@ def test_detect_names_outputs_uniquely_and_skips_a_bad_image(trained_run, toy_ro
 # --- the command line -------------------------------------------------------------------------
 
 def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, 'train.py', *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return launcher.run('train.py', *args, cwd=cwd)
 
 
 @pytest.mark.slow
@@ -352,18 +351,16 @@ def test_kill_9_anywhere_then_resume_ends_as_an_uninterrupted_run(toy_root, tmp_
         kills_before = n_killed
         while True:
             resume = [f'--resume={out_dir / "run"}'] if (out_dir / 'run').exists() else []
-            process = subprocess.Popen([sys.executable, 'train.py', 'train', *args, *resume],
-                                       cwd=ROOT, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.PIPE)
+            process = launcher.start('train.py', 'train', *args, *resume)
             try:
                 process.wait(timeout=kill_times.pop() if kill_times else None)
             except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGKILL)
+                process.kill()
                 n_killed += 1
-            _, err = process.communicate(timeout=300)
-            if process.returncode == 0:
+            result = process.result(timeout=300)
+            if result.returncode == 0:
                 break
-            assert process.returncode == -signal.SIGKILL, err.decode()
+            assert result.returncode == -signal.SIGKILL, result.stderr
         if n_killed == kills_before:
             continue
         n_runs += 1
