@@ -13,6 +13,7 @@ import json
 import os
 import runpy
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,14 +22,6 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Result:
-    """What subprocess.run(..., capture_output=True, text=True) returns: args, returncode
-    (-N for a signal), stdout, stderr."""
-
-    def __init__(self, args, returncode, stdout, stderr):
-        self.args, self.returncode, self.stdout, self.stderr = args, returncode, stdout, stderr
 
 
 class Child:
@@ -60,10 +53,8 @@ class Child:
             self.kill()
             raise
         streams = [(self.folder / name).read_text() for name in ('out', 'err')]
-        for name in ('out', 'err'):
-            (self.folder / name).unlink()
-        self.folder.rmdir()
-        return Result(self.args, self.returncode, *streams)
+        shutil.rmtree(self.folder)
+        return subprocess.CompletedProcess(self.args, self.returncode, *streams)
 
 
 class Server:
@@ -97,7 +88,8 @@ def start(script, *args, cwd=ROOT, env=None):
 
 
 def run(script, *args, cwd=ROOT, env=None, timeout=300):
-    """start(...) to its end: a Result with the exit status and both streams as text."""
+    """start(...) to its end: a subprocess.CompletedProcess with the exit status (-N for a
+    signal) and both streams as text."""
     return start(script, *args, cwd=cwd, env=env).result(timeout)
 
 
