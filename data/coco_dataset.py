@@ -8,7 +8,6 @@ Images without annotations are kept: they are the negatives.
 """
 import json
 import math
-import warnings
 from pathlib import Path, PurePosixPath
 
 from data.util import DataError
@@ -96,37 +95,31 @@ class COCOBboxDataset(VOCBboxDataset):
                             f'{", ".join(HASH_SPLITS)}')
         images, annotations, categories = _load(json_path)
         self.class_names, self.category_ids, names = _categories(json_path, categories, class_names)
-        self.skipped, records = [], {}  # records: image id -> (where, record, [(where, ann)])
+        # records: image id -> (where, record, [(where, ann)]), ann an annotation record
+        self.skipped, self._skip_bad, records = [], skip_bad, {}
         new_id = (lambda value: isinstance(value, int | str) and value not in records,
                   'a unique integer or string')
         image_id = (lambda value: isinstance(value, int | str) and value in records,
                     'one of its image ids')
         for where, record in images:
-            key = self._guarded(skip_bad, where, _fields, record, where,
-                                dict(id=new_id, file_name=NAME))
-            if key:
-                records[key[0]] = (where, record, [])
+            if self._guarded(where, _fields, record, where, dict(id=new_id, file_name=NAME)):
+                records[record['id']] = (where, record, [])
         for where, record in annotations:
-            key = self._guarded(skip_bad, where, _fields, record, where, dict(image_id=image_id))
-            if key:
-                records[key[0]][2].append((where, record))
+            if self._guarded(where, _fields, record, where, dict(image_id=image_id)):
+                records[record['image_id']][2].append((where, record))
         ids = sorted(records, key=lambda i: records[i][1]['file_name'])
         if split != 'all':
             stems = {i: PurePosixPath(records[i][1]['file_name']).stem for i in ids}
             chosen = set(_hash_split(set(stems.values()), split))
             ids = [i for i in ids if stems[i] in chosen]
-        samples = {i: self._guarded(skip_bad, records[i][0], self._image_sample, image_dir,
-                                    *records[i], names) for i in ids}
-        self._set_samples(samples, {i: records[i][0] for i in ids}, skip_bad, check_images)
-        if self.skipped:
-            warnings.warn(f'{json_path}: skipped {len(self.skipped)} bad records of split '
-                          f'{split!r}', stacklevel=2)
-        if not self.ids:
-            raise DataError(f'{json_path}: split {split!r} has no images')
+        samples = {i: self._guarded(records[i][0], self._image_sample, image_dir, *records[i],
+                                    names) for i in ids}
+        wheres = {i: records[i][0] for i in ids}
+        self._set_samples(samples, wheres, check_images, json_path, split, 'records')
 
-    def _image_sample(self, image_dir, where, record, objects, names):
+    def _image_sample(self, image_dir, where, record, anns, names):
         """-> (image path, (H, W), bbox, label, difficult) of an image record and its
-        annotations, the boxes clipped to the image."""
+        annotations anns [(where, ann)], the boxes clipped to the image."""
         width, height = _fields(record, where, dict(width=POSITIVE, height=POSITIVE))
         image_path = image_dir / record['file_name']
         size = _image_size(image_path, f'{where}: ')
@@ -135,12 +128,11 @@ class COCOBboxDataset(VOCBboxDataset):
                             'every box would be misplaced')
         known = (lambda value: type(value) is int and value in names, 'one of its category ids')
         labelled = []
-        for where_object, annotation in objects:
-            category_id, (x, y, w, h) = _fields(annotation, where_object,
-                                                dict(category_id=known, bbox=BBOX))
+        for where_ann, ann in anns:
+            category_id, (x, y, w, h) = _fields(ann, where_ann, dict(category_id=known, bbox=BBOX))
             if category_id not in self.category_ids:
-                raise DataError(f'{where_object}: unknown class name {names[category_id]!r}; '
+                raise DataError(f'{where_ann}: unknown class name {names[category_id]!r}; '
                                 f'valid: {", ".join(self.class_names)}')
             labelled.append(([x, y, x + w, y + h], self.category_ids.index(category_id),
-                             bool(annotation.get('iscrowd', 0))))
+                             bool(ann.get('iscrowd', 0))))
         return (image_path, size) + _clip(size, where, labelled)

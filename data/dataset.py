@@ -44,14 +44,13 @@ class TrainDataset(Dataset):
         image, bbox, label, difficult = self.bbox_dataset[i]
         if not self.use_difficult:
             bbox, label = bbox[~difficult], label[~difficult]
-        in_size = image.shape[1:]
-        image, scale = resize_image(image, self.min_size, self.max_size)
-        bbox = resize_bbox(bbox, in_size, image.shape[1:])
+        resized, scale = resize_image(image, self.min_size, self.max_size)
+        bbox = resize_bbox(bbox, image.shape[1:], resized.shape[1:])
         # Tuples of ints hash the same in every process (no PYTHONHASHSEED salt).
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)))
         if self.flip and torch.rand((), generator=generator) < 0.5:
-            image, bbox = image.flip(-1), flip_bbox(bbox, image.shape[1:])
-        return normalize(image, self.normalization), bbox, label, scale
+            resized, bbox = resized.flip(-1), flip_bbox(bbox, resized.shape[1:])
+        return normalize(resized, self.normalization), bbox, label, scale
 
 
 def collate_train(batch):

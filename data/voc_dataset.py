@@ -56,10 +56,8 @@ class _Folders(dict):
     def find(self, folder, name):
         """folder/name as on disk: in name's exact case when it exists, else in any case (the
         first in sorted order, so the choice is stable); None when there is none."""
-        names = self[folder].get(name.lower())
-        if not names:
-            return None
-        return folder / (name if name in names else names[0])
+        names = self[folder].get(name.lower())  # None or a non-empty list
+        return names and folder / (name if name in names else names[0])
 
     def subfolder(self, folder, name):
         """folder/name in any case when it is a folder, else None."""
@@ -92,9 +90,8 @@ def _split_ids(data_dir, split, all_ids, folders):
     if split_dir is not None:
         split_file = folders.find(split_dir, f'{split}.txt')
         if split_file is None:
-            valid = sorted(folders.files(split_dir, '.txt'))
             raise DataError(f'{split_dir / f"{split}.txt"}: split file not found; splits '
-                            f'there: {valid}')
+                            f'there: {sorted(folders.files(split_dir, ".txt"))}')
         return [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
     if split not in HASH_SPLITS:
         raise DataError(f'{data_dir}: unknown split {split!r} for a folder without '
@@ -116,11 +113,10 @@ def _parse_xml(path):
         name = (obj.findtext('name') or '').strip()
         if not name:
             raise DataError(f'{path}: an <object> has no <name>')
-        try:
+        box = None  # stays None when <bndbox> or a number in it is missing or not a number
+        with contextlib.suppress(AttributeError, TypeError, ValueError):
             box = [float(obj.find('bndbox').findtext(k)) - 1  # VOC pixels are 1-based
                    for k in ('xmin', 'ymin', 'xmax', 'ymax')]
-        except (AttributeError, TypeError, ValueError):
-            box = None
         if box is None or not np.isfinite(box).all():
             raise DataError(f'{path}: object {name!r} has a missing or non-numeric <bndbox> '
                             '(needs numbers xmin, ymin, xmax, ymax)')
@@ -166,7 +162,9 @@ def _clip(size, path, labelled):
     less the boxes that clipping leaves empty. NumPy until then rather than torch: its overhead
     on such tiny arrays is a tenth, which is seconds at construction for 16k images."""
     height, width = size
-    bbox = np.array([box for box, _, _ in labelled], np.float32).reshape(-1, 4)
+    # (R,) structured: rows['bbox'] is (R, 4) float32, rows['label'] (R,) int64, ...
+    rows = np.array(labelled, [('bbox', np.float32, 4), ('label', np.int64), ('difficult', bool)])
+    bbox = rows['bbox']
     clipped = np.clip(bbox, 0, np.array([width, height, width, height], np.float32))
     for box in bbox[(clipped != bbox).any(1)].tolist():
         warnings.warn(f'{path}: box {box} reaches outside the {width}x{height} image; clipped',
@@ -175,9 +173,7 @@ def _clip(size, path, labelled):
     for box in clipped[~keep].tolist():
         warnings.warn(f'{path}: box {box} is empty (x_max <= x_min or y_max <= y_min); dropped',
                       stacklevel=4)
-    label = np.array([label for _, label, _ in labelled], np.int64)
-    difficult = np.array([difficult for _, _, difficult in labelled], bool)
-    return tuple(torch.from_numpy(a[keep]) for a in (clipped, label, difficult))
+    return tuple(torch.from_numpy(a[keep]) for a in (clipped, rows['label'], rows['difficult']))
 
 
 class VOCBboxDataset:
@@ -209,8 +205,8 @@ class VOCBboxDataset:
             raise DataError(f'{data_dir}: no annotation XML files found; {LAYOUT}')
         ids = _split_ids(data_dir, split, sorted(xml_paths), folders)
         xml_paths = {i: xml_paths.get(i, ann_dir / f'{i}.xml') for i in set(xml_paths) | set(ids)}
-        self.skipped = []
-        records = {i: self._guarded(skip_bad, xml_paths[i], _parse_xml, xml_paths[i]) for i in ids}
+        self.skipped, self._skip_bad = [], skip_bad
+        records = {i: self._guarded(xml_paths[i], _parse_xml, xml_paths[i]) for i in ids}
         records = {i: record for i, record in records.items() if record is not None}
         if class_names is None and not re.fullmatch(r'VOC20\d\d', data_dir.resolve().name):
             # Discovery reads every split. A bad file of another split is its own split's to
@@ -225,32 +221,25 @@ class VOCBboxDataset:
 
         image_dirs = [folders.subfolder(data_dir, name) for name in IMAGE_FOLDERS]
         image_dirs = [ann_dir] + [folder for folder in image_dirs if folder is not None]
-        samples = {i: self._guarded(skip_bad, xml_paths[i], self._sample, xml_paths[i],
-                                    records[i], data_dir, image_dirs, folders)
-                   for i in ids if i in records}
-        self._set_samples(samples, xml_paths, skip_bad, check_images)
-        if self.skipped:
-            warnings.warn(f'{data_dir}: skipped {len(self.skipped)} bad files of split {split!r}',
-                          stacklevel=2)
-        if not self.ids:
-            raise DataError(f'{data_dir}: split {split!r} has no samples')
+        samples = {i: self._guarded(xml_paths[i], self._sample, xml_paths[i], *records[i], data_dir,
+                                    image_dirs, folders) for i in ids if i in records}
+        self._set_samples(samples, xml_paths, check_images, data_dir, split, 'files')
 
-    def _guarded(self, skip_bad, xml_path, function, *args):
-        """function(*args); on DataError raise, or with skip_bad warn, note xml_path in
-        self.skipped and return None."""
+    def _guarded(self, where, function, *args):
+        """function(*args); on DataError raise, or with skip_bad warn, note where (the bad
+        file or record) in self.skipped and return None."""
         try:
             return function(*args)
         except DataError as e:
-            if not skip_bad:
+            if not self._skip_bad:
                 raise
             warnings.warn(f'skipping: {e}', stacklevel=3)
-            self.skipped.append(xml_path)
+            self.skipped.append(where)
             return None
 
-    def _sample(self, xml_path, record, data_dir, image_dirs, folders):
-        """-> (image path, (H, W), bbox, label, difficult) of one annotation file, the boxes
-        clipped to the image's real size."""
-        filename, objects = record
+    def _sample(self, xml_path, filename, objects, data_dir, image_dirs, folders):
+        """-> (image path, (H, W), bbox, label, difficult) of one annotation file (its
+        _parse_xml record: filename, objects), the boxes clipped to the image's real size."""
         unknown = sorted({name for name, _, _ in objects} - set(self.class_names))
         if unknown:
             raise DataError(f'{xml_path}: unknown class names {unknown}; '
@@ -260,11 +249,13 @@ class VOCBboxDataset:
         labelled = [(box, self.class_names.index(name), flag) for name, box, flag in objects]
         return (image_path, size) + _clip(size, xml_path, labelled)
 
-    def _set_samples(self, samples, wheres, skip_bad, check_images):
+    def _set_samples(self, samples, wheres, check_images, source, split, unit):
         """self.ids and self._samples from samples {id: sample, or None when skipped}: those not
         skipped, and with check_images only those whose image decodes (every pixel: truncated
         files fail too), a failure raised or with skip_bad skipped as wheres[id]. Threads
-        decode, as PIL releases the GIL while decoding: one per core, at most 8."""
+        decode, as PIL releases the GIL while decoding: one per core, at most 8. Then a warning
+        '<source>: skipped n bad <unit> of split ...' counts self.skipped (unit: 'files' or
+        'records'), and DataError is raised when no sample is left."""
         samples = {i: sample for i, sample in samples.items() if sample is not None}
         if check_images:
             pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
@@ -272,10 +263,15 @@ class VOCBboxDataset:
                 futures = {i: pool.submit(_decodes, sample[0]) for i, sample in samples.items()}
                 bar = tqdm(futures.items(), desc='checking images', disable=None, leave=False)
                 samples = {i: samples[i] for i, future in bar
-                           if self._guarded(skip_bad, wheres[i], future.result) is not None}
+                           if self._guarded(wheres[i], future.result) is not None}
             finally:
                 pool.shutdown(cancel_futures=True)  # on an error, do not decode the rest first
         self.ids, self._samples = list(samples), list(samples.values())
+        if self.skipped:  # stacklevel 3: the code that constructed the dataset
+            warnings.warn(f'{source}: skipped {len(self.skipped)} bad {unit} of split {split!r}',
+                          stacklevel=3)
+        if not self.ids:
+            raise DataError(f'{source}: split {split!r} has no samples')
 
     def __add__(self, other):
         """A dataset of the samples of both (VOC07+12 trainval); the classes must agree."""

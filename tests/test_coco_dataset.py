@@ -196,6 +196,18 @@ def test_skip_bad_skips_and_counts(tmp_path):
     assert messages[-1] == f"{path}: skipped 5 bad records of split 'all'"
 
 
+def test_empty_split_is_an_error(tmp_path):
+    with pytest.raises(DataError, match=r"coco\.json: split 'all' has no samples"):
+        COCOBboxDataset(_coco(tmp_path, images=[], annotations=[]), tmp_path, 'all')
+    path = _coco(tmp_path, images=[{'id': 1}], annotations=[])  # its only image is bad
+    with pytest.warns(UserWarning) as record, \
+            pytest.raises(DataError, match=r"coco\.json: split 'all' has no samples"):
+        COCOBboxDataset(path, tmp_path, 'all', skip_bad=True)
+    assert [str(w.message) for w in record] == [
+        f"skipping: {path}: images[0]: missing key 'file_name'",
+        f"{path}: skipped 1 bad records of split 'all'"]
+
+
 def test_check_images_catches_truncated_image(tmp_path):
     path = _coco(tmp_path)
     data = (tmp_path / 'b.png').read_bytes()
