@@ -36,11 +36,11 @@ Labels: predict returns 0..n_fg_class-1, the datasets' labels; inside the head 0
 and dataset class k is k + 1.
 """
 import dataclasses
+from functools import partial
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops import clip_boxes_to_image
 
 from model.backbones import FEAT_STRIDE, build_backbone
 from model.boxes import generate_anchor_base, loc2bbox
@@ -49,7 +49,7 @@ from model.ops import RoIAlign, RoIPool, batched_non_maximum_suppression
 from model.roi_head import PyramidRoIAlign, RoIHead
 from model.rpn import ProposalCreator, RegionProposalNetwork
 from model.targets import AnchorTargetCreator, ProposalTargetCreator
-from model.transform import ImageTransform, resize_bbox
+from model.transform import ImageTransform
 
 LOSS_NAMES = ('rpn_loc_loss', 'rpn_cls_loss', 'roi_loc_loss', 'roi_cls_loss')
 # predict's 'visualize' thresholds: only confident boxes. 'evaluate' is the paper's test
@@ -166,8 +166,16 @@ class FasterRCNN(nn.Module):
                                  input_sizes, orig_sizes, **params)
 
     def _postprocess(self, roi_cls_locs, roi_scores, rois, roi_indices, input_sizes, orig_sizes,
-                     score_thresh, nms_thresh, max_per_image):
-        """Per-class boxes and probabilities -> thresholded, class-wise NMS, per-image lists."""
+                     score_thresh, nms_thresh, max_per_image, nms=None):
+        """Per-class boxes and probabilities -> thresholded, clipped to the input image and
+        scaled to the original, class-wise NMS: predict's per-image lists.
+
+        input_sizes, orig_sizes: N (H, W) pairs, or (N, 2) tensors (the ONNX export's, which
+        a trace keeps dynamic). nms: (bbox (K, 4), score (K,), group (K,), thresh) -> (K',)
+        the indices NMS keeps within each group, highest score first; None takes
+        batched_non_maximum_suppression on the model's backend (the export passes one whose
+        threshold is a graph input).
+        """
         n_fg = roi_scores.shape[1] - 1  # C - 1
         loc = roi_cls_locs.unflatten(1, (-1, 4))[:, 1:] * self.loc_normalize_std  # (R, C-1, 4)
         bbox = loc2bbox(rois[:, None].expand_as(loc).reshape(-1, 4), loc.reshape(-1, 4))
@@ -175,12 +183,14 @@ class FasterRCNN(nn.Module):
 
         keep = (prob > score_thresh).nonzero()[:, 0]  # (K,) each RoI * (C-1) + its class
         bbox, prob, label, image = bbox[keep], prob[keep], keep % n_fg, roi_indices[keep // n_fg]
-        for i, (in_size, out_size) in enumerate(zip(input_sizes, orig_sizes)):
-            mine = image == i
-            bbox[mine] = resize_bbox(clip_boxes_to_image(bbox[mine], in_size), in_size, out_size)
+        # Each box clipped to its image's input size, then scaled to the original's pixels.
+        in_size, out_size = (torch.as_tensor(sizes, dtype=torch.float64, device=bbox.device)
+                             .flip(1).repeat(1, 2) for sizes in (input_sizes, orig_sizes))
+        bbox = bbox.clamp(min=0).minimum(in_size.float()[image])  # in_size: (N, 4) W H W H
+        bbox = bbox * (out_size / in_size).float()[image]  # the ratio in float64, as resize_bbox
+        nms = nms or partial(batched_non_maximum_suppression, backend=self.backend)
         # Class-wise NMS for all images in one call: each (image, class) pair is its own group.
-        kept = batched_non_maximum_suppression(bbox, prob, image * n_fg + label, nms_thresh,
-                                               backend=self.backend)  # highest score first
+        kept = nms(bbox, prob, image * n_fg + label, nms_thresh)  # highest score first
         per_image = [kept[image[kept] == i][:max_per_image] for i in range(len(input_sizes))]
         return tuple([values[mine] for mine in per_image] for values in (bbox, label, prob))
 

@@ -57,8 +57,9 @@ class ProposalCreator:
             loc: (K, 4) predicted offsets for each anchor.
             score: (K,) objectness, the foreground probability of each anchor.
             anchor: (K, 4) anchors in input pixels, level by level.
-            img_size: (H, W) of the (resized) input image.
-            scale: the image's resize factor; boxes under min_size * scale px are dropped.
+            img_size: (H, W) of the (resized) input image, ints or a tensor.
+            scale: the image's resize factor, a float or a 0-dim tensor; boxes under
+                min_size * scale px are dropped.
             training: picks the n_train_* counts, else n_test_*.
             n_per_level: the anchors of each level, in order; None: one level.
 
@@ -68,10 +69,12 @@ class ProposalCreator:
         """
         n_pre_nms, n_post_nms = ((self.n_train_pre_nms, self.n_train_post_nms) if training
                                  else (self.n_test_pre_nms, self.n_test_post_nms))
-        n_per_level = n_per_level or [len(score)]
+        n_per_level = n_per_level or [score.shape[0]]
         starts = [0, *accumulate(n_per_level)]  # of each level's anchors in score
-        tops = [level_score.topk(min(n_pre_nms, len(level_score))).indices + start
-                for level_score, start in zip(score.split(n_per_level), starts)]
+        # min(n_pre_nms, the level's anchors), as a tensor: a trace keeps it dynamic (export)
+        n_best = [torch.as_tensor(n).clamp(max=n_pre_nms) for n in n_per_level]
+        tops = [level_score.topk(k).indices + start
+                for level_score, k, start in zip(score.split(n_per_level), n_best, starts)]
         level = torch.cat([torch.full_like(top, i) for i, top in enumerate(tops)])  # (K',)
         picked = torch.cat(tops)  # (K',) anchor indices, level by level
         roi = clip_boxes_to_image(loc2bbox(anchor[picked], loc[picked].detach()), img_size)
@@ -111,9 +114,10 @@ class RegionProposalNetwork(nn.Module):
 
         Args:
             features: (N, C, H, W), or a list of L such maps (a pyramid's levels).
-            img_sizes: N pairs (height, width) of Python ints, each image's true input size
-                (images may be padded to a common size).
-            scales: N floats, each image's resize factor from its original size.
+            img_sizes: N pairs (height, width) of ints, or an (N, 2) tensor: each image's true
+                input size (images may be padded to a common size).
+            scales: N floats, or an (N,) tensor: each image's resize factor from its original
+                size.
 
         Returns:
             rpn_locs: (N, K, 4); rpn_scores: (N, K, 2) (see the module docstring), K counting
@@ -136,10 +140,10 @@ class RegionProposalNetwork(nn.Module):
         anchor = torch.cat(anchors)  # (K, 4)
         # Proposals are not differentiated through; float32 under mixed precision.
         fg_prob = F.softmax(rpn_scores.detach().float(), dim=2)[..., 1]  # (N, K)
-        n_per_level = [len(a) for a in anchors]
+        n_per_level = [a.shape[0] for a in anchors]
         rois = [self.proposal_creator(rpn_locs[i].detach().float(), fg_prob[i], anchor,
                                       img_sizes[i], scales[i], self.training, n_per_level)
                 for i in range(n)]
-        roi_indices = torch.cat([roi.new_full((len(roi),), i, dtype=torch.int64)
+        roi_indices = torch.cat([torch.full_like(roi[:, 0], i, dtype=torch.int64)
                                  for i, roi in enumerate(rois)])  # (R,) image of each RoI
         return rpn_locs, rpn_scores, torch.cat(rois), roi_indices, anchor

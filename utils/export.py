@@ -11,10 +11,11 @@ RoiAlign), the head and the class-wise NMS. The file's metadata holds, as JSON, 
 names, the run's options, the COCO category ids and the 'evaluate' preset's thresholds.
 
 The graph is traced (torch.onnx.export's TorchScript exporter) from DetectorGraph, which
-reruns FasterRCNN.predict's steps for one image with every size a tensor: traced Python ints
-would be frozen at the example image's values. Two steps are rewritten for ONNX: the resize
-is two interpolation matrices (ONNX's antialiased Resize filters differently from torch's),
-and NMS takes its threshold as an input (torchvision's ONNX NMS freezes it).
+runs the model's own forward and _postprocess, as predict does, on one image with every size
+a tensor: traced Python ints would be frozen at the example image's values. Two steps are
+its own: the resize is two interpolation matrices (ONNX's antialiased Resize filters
+differently from torch's), and the detections' NMS takes its threshold as an input
+(torchvision's ONNX NMS, which the proposals' fixed-threshold NMS traces to, freezes it).
 """
 import json
 import os
@@ -24,10 +25,7 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
-from torch.nn import functional as F
-from torchvision.ops import clip_boxes_to_image
 
-from model.boxes import enumerate_shifted_anchors, loc2bbox
 from model.faster_rcnn import MAX_PER_IMAGE, VISUALIZE
 from model.ops.speed import speed_up
 from model.transform import normalize
@@ -59,12 +57,11 @@ class _NMS(torch.autograd.Function):
         return g.op('Squeeze', g.op('Gather', selected, const(2), axis_i=1), const(1))
 
 
-def batched_nms(boxes, scores, groups, thresh, size):
-    """NMS within each group at once: groups are moved apart by their index times the image's
-    longer side + 1 (boxes are clipped to the image of size (H, W)), as
-    torchvision.ops.batched_nms does."""
-    offsets = groups.to(boxes.dtype) * (size.max().to(boxes.dtype) + 1)
-    return _NMS.apply(boxes + offsets[:, None], scores, thresh)
+def batched_nms(boxes, scores, groups, thresh):
+    """NMS within each group at once, as torchvision.ops.batched_nms does it: groups are moved
+    apart by their index times the largest coordinate + 1 (the boxes are clipped, >= 0)."""
+    largest = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()  # 0 if there are none
+    return _NMS.apply(boxes + (groups.to(boxes.dtype) * (largest + 1))[:, None], scores, thresh)
 
 
 def resize_matrix(in_size, out_size):
@@ -79,8 +76,8 @@ def resize_matrix(in_size, out_size):
 
 
 class DetectorGraph(nn.Module):
-    """FasterRCNN.predict for one image, with the thresholds as inputs (see the module
-    docstring); traced by export_onnx, and runnable as it is (tests compare it to predict)."""
+    """FasterRCNN.predict for one image, with the sizes tensors and the thresholds inputs (see
+    the module docstring); traced by export_onnx, and runnable as it is."""
 
     def __init__(self, model):
         super().__init__()
@@ -93,42 +90,12 @@ class DetectorGraph(nn.Module):
         new_size = (size * scale).round()
         image = resize_matrix(size[0], new_size[0]) @ image @ resize_matrix(size[1],
                                                                             new_size[1]).T
-        features = model.extractor(normalize(image, transform.normalization)[None])
-        pyramid = [features] if isinstance(features, torch.Tensor) else features
-        rois = self.proposals(pyramid, new_size, scale)
-        roi_cls_locs, roi_scores = model.head(features, rois, torch.zeros_like(rois[:, 0]))
-        # the class-wise boxes and probabilities, as FasterRCNN._postprocess
-        loc = roi_cls_locs.unflatten(1, (-1, 4))[:, 1:] * model.loc_normalize_std
-        bbox = loc2bbox(rois[:, None].expand_as(loc).reshape(-1, 4), loc.reshape(-1, 4))
-        prob = F.softmax(roi_scores, dim=1)[:, 1:].reshape(-1)
-        keep = (prob > score_thresh).nonzero()[:, 0]
-        bbox, prob, label = bbox[keep], prob[keep], keep % (roi_scores.shape[1] - 1)
-        bbox = clip_boxes_to_image(bbox, new_size) * (size / new_size).float().flip(0).repeat(2)
-        kept = batched_nms(bbox, prob, label, nms_thresh, size)[:max_per_image]
-        return bbox[kept], label[kept], prob[kept]
-
-    def proposals(self, features, size, scale):
-        """The RPN's proposals (R, 4) at test time, as RegionProposalNetwork and
-        ProposalCreator make them: the best n_test_pre_nms anchors of each level, decoded,
-        clipped, small ones dropped, NMS over each level, the best n_test_post_nms."""
-        rpn, creator = self.model.rpn, self.model.rpn.proposal_creator
-        picked = []  # per level: boxes, scores, level
-        for level, (feature, base, stride) in enumerate(zip(features, rpn.anchor_base,
-                                                            rpn.strides)):
-            hidden = F.relu(rpn.conv1(feature))
-            loc = rpn.loc(hidden).permute(0, 2, 3, 1).reshape(-1, 4)
-            score = F.softmax(rpn.score(hidden).permute(0, 2, 3, 1).reshape(-1, 2), dim=1)[:, 1]
-            top = score.topk(torch.clamp(torch.as_tensor(score.shape[0]),
-                                         max=creator.n_test_pre_nms)).indices
-            anchor = enumerate_shifted_anchors(base, stride, *feature.shape[2:])
-            picked.append((clip_boxes_to_image(loc2bbox(anchor[top], loc[top]), size),
-                           score[top], torch.full_like(top, level)))
-        boxes, scores, levels = (torch.cat(column) for column in zip(*picked))
-        side = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        keep = ((side >= creator.min_size * scale) & (side > 0)).nonzero()[:, 0]
-        boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
-        kept = batched_nms(boxes, scores, levels, torch.tensor(creator.nms_thresh), size)
-        return boxes[kept[:creator.n_test_post_nms]]
+        batch = normalize(image, transform.normalization)[None]  # (1, 3, H', W')
+        roi_cls_locs, roi_scores, rois, roi_indices = model(batch, new_size[None], scale[None])
+        bboxes, labels, scores = model._postprocess(
+            roi_cls_locs, roi_scores, rois, roi_indices, new_size[None], size[None],
+            score_thresh, nms_thresh, max_per_image, nms=batched_nms)
+        return bboxes[0], labels[0], scores[0]  # of the one image
 
 
 def require_onnx():
