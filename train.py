@@ -27,7 +27,7 @@ from data.dataset import ImageFiles
 from data.util import DataError
 from model.ops.speed import fast_mixed_precision, keep_freed_memory, mixed_precision
 from utils.checkpoint import load_checkpoint, load_detector
-from utils.config import FIXED_ON_RESUME, GROUPS, Config, documented, option_help, option_name
+from utils.config import FIXED_ON_RESUME, GROUPS, Config, option_name, options_help
 from utils.evaluate import evaluate, format_result, images_per_second, model_device
 from utils.export import EXPORTED, OnnxDetector, export_checkpoint
 from utils.run import new_run_dir, run_command, unique_name, write_atomic
@@ -40,19 +40,19 @@ EVAL_OPTIONS = ('dataset', 'voc_data_dir', 'coco_json', 'coco_test_json', 'image
                 'batch_size', 'amp', 'device', 'metric', 'test_n_images', 'compile')
 
 
-def open_run(kwargs):
-    """(Config, checkpoint state or None, run folder) for train's options.
+def train(**options):
+    """Trains a detector and tests its best checkpoint; writes a run folder (see README).
 
     With --resume, the saved run's options with those given now on top: every one of them
     applies (e.g. more --epochs, another --lr), except those in FIXED_ON_RESUME, which are
     refused when they differ. A run folder with no checkpoint yet (stopped during its first
     epoch) starts again from its saved options.
     """
-    given = Config.parse_options(kwargs)
+    given = Config.parse_options(options)
     if given.get('resume') is None:
-        cfg = Config.from_kwargs(**kwargs)
+        cfg = Config.from_kwargs(**options)
         rank = int(os.environ.get('RANK', 0))
-        return cfg, None, new_run_dir(cfg.out_dir, cfg.run_name, cfg.dataset, rank)
+        return trainer.train(cfg, new_run_dir(cfg.out_dir, cfg.run_name, cfg.dataset, rank))
     path = Path(given['resume'])
     ckpt = path / 'last.pt' if path.is_dir() else path
     state = None
@@ -70,13 +70,7 @@ def open_run(kwargs):
         if name in given and given[name] != saved[name]:
             raise ValueError(f'{option_name(name)}={given[name]!r} cannot change on --resume '
                              f'(the run has {saved[name]!r}); start a new run for it')
-    return Config.from_kwargs(**{**saved, **given}), state, ckpt.parent
-
-
-def train(**options):
-    """Trains a detector and tests its best checkpoint; writes a run folder (see README)."""
-    cfg, state, run_dir = open_run(options)
-    trainer.train(cfg, run_dir, state)
+    trainer.train(Config.from_kwargs(**{**saved, **given}), ckpt.parent, state)
 
 
 def load_model(load_path, device='cpu', onnx=None, **overrides):
@@ -112,12 +106,11 @@ def load_model(load_path, device='cpu', onnx=None, **overrides):
     return model, cfg, tuple(state['class_names']), state.get('category_ids')
 
 
-def eval(load_path=None, onnx=None, **options):  # noqa: A001 (the CLI verb)
+def eval(load_path=None, onnx=None, *, device='auto', **options):  # noqa: A001 (the CLI verb)
     """Per-class AP and mAP of a checkpoint (or with --onnx, an exported file in ONNX Runtime)
     on the test split (both VOC metrics, or with --metric=coco COCO AP): the numbers train ends
     with. Options not given are the checkpoint's run's."""
-    model, cfg, class_names, _ = load_model(load_path, options.pop('device', 'auto'), onnx,
-                                            **options)
+    model, cfg, class_names, _ = load_model(load_path, device, onnx, **options)
     cfg.check_data_dir()
     test = trainer.usable_test_set(cfg, trainer.bbox_dataset(cfg, 'test', class_names))
     result = evaluate(model, test, cfg.batch_size,
@@ -160,15 +153,14 @@ def detect(load_path: str | None = None, *images, onnx: str | None = None,
     with (tqdm(total=len(images), desc='detect', disable=None) as bar,
           mixed_precision(model_device(model), cfg.amp)):
         for batch in loader:
-            good = [i for i, (_, _, error) in enumerate(batch) if error is None]
-            found = dict(zip(good, zip(*model.predict([batch[i][1] for i in good],
-                                                      preset=preset)))) if good else {}
-            for i, (path, image, error) in enumerate(batch):
+            good = [image for _, image, error in batch if error is None]
+            found = iter(zip(*model.predict(good, preset=preset)) if good else ())  # in order
+            for path, image, error in batch:
                 if error is not None:
                     print(f'skipping {error}', file=sys.stderr)
                     records.append({'image': str(path), 'error': error})
                     continue
-                bboxes, labels, scores = (x.cpu() for x in found[i])
+                bboxes, labels, scores = (x.cpu() for x in next(found))
                 name = f'{unique_name(Path(path).stem, taken)}.png'
                 drawn = bbox_image(image, bboxes, labels, scores, class_names)  # (3, H, W)
                 Image.fromarray(drawn.transpose(1, 2, 0)).save(out / name)
@@ -202,32 +194,20 @@ def export(load_path: str, out: str = 'model.onnx'):
 COMMANDS = {'train': train, 'eval': eval, 'detect': detect, 'export': export}
 
 
-def arguments_help(function, names=None):
-    """--help's lines for the documented arguments of function (or those of names)."""
-    parameters = inspect.signature(function).parameters
-    return [line for name, text in documented(function, 'Args').items() if name in (names or [name])
-            for line in option_help(name, parameters[name].annotation, parameters[name].default,
-                                    text)]
-
-
 def usage(verb):
     """The --help text of a verb: its docstring's first paragraph and its options, grouped."""
     function = COMMANDS[verb]
-    images = ' IMAGE [IMAGE ...]' if verb == 'detect' else ''
     lines = [f'usage: python train.py {verb}{" --load-path=CHECKPOINT" * (verb != "train")}'
-             f'{images} [--option=value ...]', '',
+             f'{" IMAGE [IMAGE ...]" * (verb == "detect")} [--option=value ...]', '',
              *textwrap.wrap(inspect.getdoc(function).split('\n\n')[0], 100)]
     if verb in ('detect', 'export'):
-        return '\n'.join(lines + ['\noptions:', *arguments_help(function)])
+        return '\n'.join(lines + ['\noptions:', *options_help(function)])
     if verb == 'eval':  # its model: a checkpoint or an ONNX file, as detect's
-        lines += ['\ndetector:', *arguments_help(detect, ('load_path', 'onnx'))]
-    for title, classes in GROUPS:
-        fields = [(field, documented(cls, 'Attributes')[field.name]) for cls in classes
-                  for field in dataclasses.fields(cls)
-                  if verb == 'train' or field.name in EVAL_OPTIONS]
-        lines += [f'\n{title} options:'] if fields else []
-        for field, text in fields:
-            lines += option_help(field.name, field.type, field.default, text)
+        lines += ['\ndetector:', *options_help(detect, ('load_path', 'onnx'))]
+    for title, classes in GROUPS:  # every group has options of eval's too
+        lines.append(f'\n{title} options:')
+        for cls in classes:
+            lines += options_help(cls, None if verb == 'train' else EVAL_OPTIONS)
     return '\n'.join(lines)
 
 

@@ -153,3 +153,32 @@ def test_model_options_are_the_config_fields_a_checkpoint_stores():
         f.name: getattr(Config(), f.name) for f in dataclasses.fields(ModelOptions)}
     assert options.eval_nms_thresh == 0.3 and options.extractor == 'small'
     assert ModelOptions(**dataclasses.asdict(options)) == options  # what load_detector does
+
+
+def test_an_unknown_extractor_is_named_on_any_dataset():
+    """It has no defaults of its own to fill in; the error names the option and the choices."""
+    for dataset in ('toy', 'voc07'):
+        with pytest.raises(ValueError, match=r"--extractor='vgg17' is not valid; choose one of "):
+            Config(dataset=dataset, extractor='vgg17')
+
+
+def test_options_help_reads_a_dataclass_or_a_function():
+    """--help's lines: the spelling and type of each documented option (those named, where
+    names are given), then its text and default, wrapped and indented."""
+    from utils.config import SolverOptions, options_help
+
+    def verb(path: str, out: str = 'x.onnx', scales: tuple[float, ...] | None = None):
+        """Does it.
+
+        Args:
+            path: where it is
+            out: what it writes
+            scales: the scales
+        """
+    assert list(options_help(SolverOptions, ('momentum', 'lr_milestones'))) == [
+        '  --momentum=FLOAT', '      SGD momentum [default: 0.9]', '  --lr-milestones=INT,...',
+        '      epochs after which lr is multiplied by lr_decay (paper: 9) [default: by dataset and',
+        '      extractor]']
+    assert list(options_help(verb)) == [
+        '  --path=STR', '      where it is [required]', '  --out=STR',
+        '      what it writes [default: x.onnx]', '  --scales=FLOAT,...', '      the scales']

@@ -54,8 +54,6 @@ SOLVER_DEFAULTS = {
     'mobilenet_v3': {**TF_SOLVER, 'weight_decay': 4e-5},
     'resnet50_fpn': FPN_SOLVER, 'resnet101_fpn': FPN_SOLVER,
 }
-# Held out of the training split for the per-epoch mAP: this fraction of it, at most the cap.
-VAL_FRACTION, VAL_CAP = 0.1, 300
 
 # The valid values of the options with a fixed set of them, from the modules that take them.
 CHOICES = {
@@ -70,19 +68,18 @@ CHOICES = {
 FIXED_ON_RESUME = ('dataset', 'class_names', 'extractor', 'anchor_scales', 'anchor_ratios',
                    'normalization', 'caffe_pretrain', 'caffe_pretrain_path', 'pretrained_path',
                    'pretrained', 'optimizer', 'seed', 'n_val_images', 'out_dir', 'run_name')
-# Numeric options that must lie in a range (None, where allowed, is not checked).
-RANGES = {
-    'positive': ('lr', 'min_size', 'max_size', 'epochs', 'batch_size', 'rpn_n_sample',
-                 'roi_n_sample', 'plot_every', 'n_test_post_nms', 'n_train_post_nms',
-                 'n_train_pre_nms', 'n_test_pre_nms', 'test_n_images'),
-    '>= 0': ('weight_decay', 'momentum', 'n_val_images', 'num_workers', 'rpn_min_size',
-             'eval_score_thresh'),
-    'in (0, 1]': ('rpn_pos_ratio', 'roi_pos_ratio', 'rpn_nms_thresh', 'eval_nms_thresh',
-                  'lr_decay', 'rpn_pos_iou_thresh', 'roi_pos_iou_thresh'),
-    'in 1..65535': ('visdom_port',),
-}
-RANGE_CHECKS = {'positive': lambda v: v > 0, '>= 0': lambda v: v >= 0,
-                'in (0, 1]': lambda v: 0 < v <= 1, 'in 1..65535': lambda v: 0 < v < 65536}
+# Numeric options that must lie in a range (None, where allowed, is not checked): (the range in
+# words, the options, its test).
+RANGES = (
+    ('positive', ('lr', 'min_size', 'max_size', 'epochs', 'batch_size', 'rpn_n_sample',
+                  'roi_n_sample', 'plot_every', 'n_test_post_nms', 'n_train_post_nms',
+                  'n_train_pre_nms', 'n_test_pre_nms', 'test_n_images'), lambda v: v > 0),
+    ('>= 0', ('weight_decay', 'momentum', 'n_val_images', 'num_workers', 'rpn_min_size',
+              'eval_score_thresh'), lambda v: v >= 0),
+    ('in (0, 1]', ('rpn_pos_ratio', 'roi_pos_ratio', 'rpn_nms_thresh', 'eval_nms_thresh',
+                   'lr_decay', 'rpn_pos_iou_thresh', 'roi_pos_iou_thresh'), lambda v: 0 < v <= 1),
+    ('in 1..65535', ('visdom_port',), lambda v: 0 < v < 65536),
+)
 TRUE_WORDS, FALSE_WORDS = ('true', 'yes', '1', 'on'), ('false', 'no', '0', 'off')
 
 
@@ -115,29 +112,30 @@ def _scalar(name, kind, value):
 
 
 def field_kind(annotation):
-    """(the type of a field's values, whether None is allowed): X | None -> (X, True)."""
-    if isinstance(annotation, types.UnionType):
-        return next(k for k in typing.get_args(annotation) if k is not type(None)), True
-    return annotation, False
+    """(the type of each value, whether there can be several) of a field or argument:
+    tuple[float, ...] | None -> (float, True)."""
+    if isinstance(annotation, types.UnionType):  # X | None
+        annotation = next(k for k in typing.get_args(annotation) if k is not type(None))
+    many = typing.get_origin(annotation) is tuple
+    return (typing.get_args(annotation)[0] if many else annotation), many
 
 
 def _coerce(name, annotation, value):
     """value as the field's type: X | None, bool, int, float, str or tuple[X, ...]."""
-    kind, optional = field_kind(annotation)
-    if optional and (value is None or (isinstance(value, str) and value.lower() == 'none')):
-        return None
-    if typing.get_origin(kind) is tuple:
-        item = typing.get_args(kind)[0]
-        if isinstance(value, str):  # --class-names=cat,dog that fire left as one string
-            value = [v.strip() for v in value.split(',')] if value.strip() else []
-        values = value if isinstance(value, (list, tuple)) else [value]
-        if not values:
-            raise ValueError(f'{option_name(name)} needs at least one value')
-        if any(v == '' for v in values):
-            raise ValueError(f'{option_name(name)}={",".join(map(str, values))} has an empty '
-                             'value; remove the extra comma')
-        return tuple(_scalar(name, item, v) for v in values)
-    return _scalar(name, kind, value)
+    if type(None) in typing.get_args(annotation) and str(value).lower() == 'none':
+        return None  # None, or fire's string for it, where None is allowed
+    kind, many = field_kind(annotation)
+    if not many:
+        return _scalar(name, kind, value)
+    if isinstance(value, str):  # --class-names=cat,dog that fire left as one string
+        value = [v.strip() for v in value.split(',')] if value.strip() else []
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ValueError(f'{option_name(name)} needs at least one value')
+    if '' in values:
+        raise ValueError(f'{option_name(name)}={",".join(map(str, values))} has an empty '
+                         'value; remove the extra comma')
+    return tuple(_scalar(name, kind, v) for v in values)
 
 
 # Options whose None default is filled in from the dataset, the extractor or the paper.
@@ -145,29 +143,29 @@ DERIVED = {*PAPER_DEFAULTS, *(k for d in (*DATASET_DEFAULTS.values(), *SOLVER_DE
                               for k in d), 'normalization', 'metric'}
 
 
-def documented(obj, section):
-    """{name: text} of the 'section:' list ('Args', 'Attributes') of obj's docstring: each
-    entry '    name: text', continued on lines indented by 8."""
+def options_help(obj, names=None):
+    """--help's lines for the options documented in a function's 'Args:' or a dataclass's
+    'Attributes:' (entries '    name: text', continued on lines indented by 8), or those of
+    them in names: each option's spelling with the type of its value, then its text and
+    default, indented."""
+    section = 'Attributes' if isinstance(obj, type) else 'Args'
     entries = inspect.getdoc(obj).partition(f'{section}:\n')[2].split('\n\n')[0]
-    return {name: ' '.join(text.split())
-            for name, text in re.findall(r'^ {4}(\w+): (.*(?:\n {8}.*)*)', entries, re.M)}
-
-
-def option_help(name, annotation, default, text):
-    """One option's lines of --help: its spelling with the type of its value, then its text
-    and default, indented."""
-    kind, _ = field_kind(annotation)
-    names = {bool: 'BOOL', int: 'INT', float: 'FLOAT', str: 'STR'}
-    value = ('{' + ','.join(CHOICES[name]) + '}' if name in CHOICES else
-             names[typing.get_args(kind)[0]] + ',...' if typing.get_origin(kind) is tuple
-             else names[kind])
-    if isinstance(default, tuple):
-        default = ','.join(map(str, default))
-    note = (' [required]' if default is inspect.Parameter.empty else
-            ' [default: by dataset and extractor]' if default is None and name in DERIVED else
-            '' if default is None else f' [default: {default}]')
-    return [f'  {option_name(name)}={value}'] + textwrap.wrap(
-        text + note, 96, initial_indent=' ' * 6, subsequent_indent=' ' * 6)
+    parameters = inspect.signature(obj).parameters  # a dataclass's: its fields
+    for name, text in re.findall(r'^ {4}(\w+): (.*(?:\n {8}.*)*)', entries, re.M):
+        if names is not None and name not in names:
+            continue
+        kind, many = field_kind(parameters[name].annotation)
+        value = ('{' + ','.join(CHOICES[name]) + '}' if name in CHOICES
+                 else kind.__name__.upper() + (',...' if many else ''))
+        default = parameters[name].default
+        if isinstance(default, tuple):
+            default = ','.join(map(str, default))
+        note = (' [required]' if default is inspect.Parameter.empty else
+                ' [default: by dataset and extractor]' if default is None and name in DERIVED else
+                '' if default is None else f' [default: {default}]')
+        yield f'  {option_name(name)}={value}'
+        yield from textwrap.wrap(' '.join(text.split()) + note, 96, initial_indent=' ' * 6,
+                                 subsequent_indent=' ' * 6)
 
 
 @dataclass
@@ -292,12 +290,11 @@ class Config(RunOptions, SolverOptions, WeightOptions, ModelOptions, DataOptions
     """Every option of a run (the groups above); see the module docstring for defaults."""
 
     def __post_init__(self):
+        """Types every option, fills in the defaults that depend on others and checks the
+        result."""
         for field in dataclasses.fields(self):
             setattr(self, field.name, _coerce(field.name, field.type, getattr(self, field.name)))
-        self._fill_defaults()
-        self.validate()
-
-    def _fill_defaults(self):
+        # the starting weights: at most one, and only for an extractor they fit
         given = [option_name(name) for name in ('caffe_pretrain', 'pretrained_path', 'pretrained')
                  if getattr(self, name) not in (None, False)]
         if len(given) > 1:
@@ -308,30 +305,27 @@ class Config(RunOptions, SolverOptions, WeightOptions, ModelOptions, DataOptions
         if given and self.extractor in ('small', 'small_fpn'):
             raise ValueError(f'{given[0]} gives pre-trained weights, but --extractor='
                              f'{self.extractor} has none; drop one of the two')
+        # the defaults: the extractor's, the dataset's, then the paper's; weights name their
+        # backbone: the paper's, unless --extractor says otherwise
         dataset = DATASET_DEFAULTS['toy' if self.dataset == 'toy' else 'voc']
-        # weights name their backbone: the paper's, unless --extractor says otherwise
         self.extractor = self.extractor or ('vgg16' if given else dataset['extractor'])
-        if self.extractor in SOLVER_DEFAULTS:  # else validate names the bad extractor
-            defaults = {**dataset, **EXTRACTOR_DEFAULTS.get(self.extractor, {}),
-                        **SOLVER_DEFAULTS[self.extractor]}
-            for name, value in defaults.items():
-                if getattr(self, name) is None:
-                    setattr(self, name, value)
-        if self.normalization is None and self.caffe_pretrain:
-            self.normalization = 'caffe'
-        if self.metric is None:
-            self.metric = 'coco' if self.dataset.startswith('coco') else 'voc'
+        defaults = {**dataset, **EXTRACTOR_DEFAULTS.get(self.extractor, {}),
+                    **SOLVER_DEFAULTS.get(self.extractor, {}),  # a bad one: refused below
+                    'normalization': 'caffe' if self.caffe_pretrain else None,  # None: the paper's
+                    'metric': 'coco' if self.dataset.startswith('coco') else 'voc'}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         ModelOptions.__post_init__(self)  # the paper's values for the rest
-
-    def validate(self):
+        # every value valid, and consistent with the others
         for name, valid in CHOICES.items():
             if getattr(self, name) not in (*valid, None):  # None: not given, where optional
                 raise ValueError(f'{option_name(name)}={getattr(self, name)!r} is not valid; '
                                  f'choose one of {", ".join(valid)}')
-        for what, names in RANGES.items():
+        for what, names, check in RANGES:
             for name in names:
                 value = getattr(self, name)
-                if value is not None and not RANGE_CHECKS[what](value):
+                if value is not None and not check(value):
                     raise ValueError(f'{option_name(name)} must be {what}, got {value!r}')
         if self.min_size > self.max_size:
             raise ValueError(f'--min-size ({self.min_size}) must not exceed '
@@ -344,19 +338,11 @@ class Config(RunOptions, SolverOptions, WeightOptions, ModelOptions, DataOptions
             raise ValueError('--caffe-pretrain needs --normalization=caffe (the caffe VGG16 '
                              'expects BGR 0..255 minus the pixel means)')
 
-    def check_backend(self):
-        """--backend=cupy needs CuPy working on a GPU here (--backend=auto falls back)."""
-        problem = cupy_problem() if self.backend == 'cupy' else None
-        if problem:
-            raise ValueError(f'--backend=cupy cannot run here ({problem}); use --backend=auto '
-                             'or install CuPy (requirements-gpu.txt) on a machine with a GPU')
-
     def check_data_dir(self):
         """The data the dataset needs must exist (the toy dataset makes its own)."""
-        needs = {'coco': ('coco_json',), 'coco2017': ('coco_dir',), 'toy': ()}
-        for name in needs.get(self.dataset, ('voc_data_dir',)):
-            if getattr(self, name) is None:
-                raise ValueError(f'--dataset={self.dataset} needs {option_name(name)}=<path>')
+        need = {'coco': 'coco_json', 'coco2017': 'coco_dir'}.get(self.dataset, 'voc_data_dir')
+        if self.dataset != 'toy' and getattr(self, need) is None:
+            raise ValueError(f'--dataset={self.dataset} needs {option_name(need)}=<path>')
         for name in ('voc_data_dir', 'coco_json', 'coco_test_json', 'image_dir', 'coco_dir'):
             path = getattr(self, name)
             if path is not None and not os.path.exists(path):
@@ -365,20 +351,17 @@ class Config(RunOptions, SolverOptions, WeightOptions, ModelOptions, DataOptions
     def n_val(self, n_images):
         """Images held out of a training split of n_images: --n-val-images, or by default
         10% of the split and at most 300, so that a small split still trains on 90% of it."""
-        if self.n_val_images is None:
-            return min(VAL_CAP, round(VAL_FRACTION * n_images))
-        if 2 * self.n_val_images > n_images:
+        default = min(300, round(0.1 * n_images))
+        if self.n_val_images is not None and 2 * self.n_val_images > n_images:
             raise ValueError(
                 f'--n-val-images={self.n_val_images} would hold out more than half of the '
                 f'{n_images} images of the training split for validation; use '
-                f'--n-val-images={min(VAL_CAP, round(VAL_FRACTION * n_images))} (10%) or 0 '
-                '(no validation: best.pt is the last epoch)')
-        return self.n_val_images
+                f'--n-val-images={default} (10%) or 0 (no validation: best.pt is the last epoch)')
+        return default if self.n_val_images is None else self.n_val_images
 
     def model_options(self):
         """The ModelOptions part: what build_faster_rcnn takes and a checkpoint stores."""
-        return ModelOptions(**{f.name: getattr(self, f.name)
-                               for f in dataclasses.fields(ModelOptions)})
+        return ModelOptions(*(getattr(self, f.name) for f in dataclasses.fields(ModelOptions)))
 
     @classmethod
     def parse_options(cls, kwargs):
@@ -402,9 +385,13 @@ class Config(RunOptions, SolverOptions, WeightOptions, ModelOptions, DataOptions
         """Builds a Config from fire's keyword arguments (see parse_options).
 
         ``need_data=False`` skips the data-folder check (loading a model to detect with).
+        --backend=cupy needs CuPy working on a GPU here (--backend=auto falls back).
         """
         cfg = cls(**cls.parse_options(kwargs))
-        cfg.check_backend()
+        problem = cupy_problem() if cfg.backend == 'cupy' else None
+        if problem:
+            raise ValueError(f'--backend=cupy cannot run here ({problem}); use --backend=auto '
+                             'or install CuPy (requirements-gpu.txt) on a machine with a GPU')
         if need_data:
             cfg.check_data_dir()
         return cfg

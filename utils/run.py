@@ -3,7 +3,6 @@ record per logged step and per evaluation) and the checkpoints. Files are writte
 at all (a temporary file, then a rename), and a new run never takes an old run's folder.
 """
 import atexit
-import collections
 import inspect
 import json
 import math
@@ -59,8 +58,7 @@ def save_config(options, run_dir):
     can rely on it."""
     text = json.dumps(options, indent=2)
     if run_dir.is_dir():
-        write_atomic(run_dir / 'config.json', text)
-        return
+        return write_atomic(run_dir / 'config.json', text)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix='.new-run-', dir=run_dir.parent))  # any legal name fits
     (tmp / 'config.json').write_text(text)
@@ -101,32 +99,32 @@ def _record_step(line):
 def one_line(error):
     """The line of an error's message that says what happened: the first, or for a DataLoader
     worker's error (the worker's traceback) the last, which is the original message."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if 'Traceback (most recent call last)' in str(error):
-        return lines[-1]
-    return lines[0] if lines else type(error).__name__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    worker = 'Traceback (most recent call last)' in str(error)  # a DataLoader worker's error
+    return lines[-1 if worker else 0] if lines else type(error).__name__
 
 
 WARNINGS_SHOWN = 3  # from one place; the rest are counted
-_warning_counts, _first_warning = collections.Counter(), {}
+_warnings_seen = {}  # (filename, lineno) -> [how many so far, the first one's message]
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    place = filename, lineno
-    _warning_counts[place] += 1
-    _first_warning.setdefault(place, str(message))
-    if _warning_counts[place] <= WARNINGS_SHOWN:
+    seen = _warnings_seen.setdefault((filename, lineno), [0, str(message)])
+    seen[0] += 1
+    if seen[0] <= WARNINGS_SHOWN:
         print(f'warning: {message}', file=sys.stderr)
-    elif _warning_counts[place] == WARNINGS_SHOWN + 1:  # the first not shown: count at exit
-        atexit.register(lambda: print(
-            f'warning: {_warning_counts[place] - WARNINGS_SHOWN} more like '
-            f'"{_first_warning[place][:80]}" not shown', file=sys.stderr))
+    elif seen[0] == WARNINGS_SHOWN + 1:  # the first not shown: count at exit
+        atexit.register(lambda: print(f'warning: {seen[0] - WARNINGS_SHOWN} more like '
+                                      f'"{seen[1][:80]}" not shown', file=sys.stderr))
 
 
-def check_flags(function, args, command):
-    """Refuses a --flag that function does not take, before any work (fire would run the
-    function first and complain after); a function taking **options checks them itself."""
-    parameters = inspect.signature(function).parameters
+def check_flags(target, args, command):
+    """Refuses a --flag that the function target (or in a dict of verbs, the verb args[0]) does
+    not take, before any work (fire would run the function first and complain after); a
+    function taking **options checks them itself."""
+    if isinstance(target, dict):
+        return check_flags(target[args[0]], args[1:], f'{command} {args[0]}')
+    parameters = inspect.signature(target).parameters
     if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         return
     for arg in args:
@@ -147,12 +145,8 @@ def run_command(target, argv=None, errors=(ValueError, OSError)):
     debug = '--debug' in argv
     argv = [arg for arg in argv if arg != '--debug']
     warnings.showwarning = _show_warning
-    command = f'python {sys.argv[0]}'
     try:
-        if isinstance(target, dict):
-            check_flags(target[argv[0]], argv[1:], f'{command} {argv[0]}')
-        else:
-            check_flags(target, argv, command)
+        check_flags(target, argv, f'python {sys.argv[0]}')
         return fire.Fire(target, command=argv)
     except errors as e:
         if debug:
