@@ -23,12 +23,6 @@ class Backbone(NamedTuple):
     strides: tuple = (FEAT_STRIDE,)
 
 
-def freeze(*modules):
-    """No gradient for the modules' parameters: the pre-trained layers training leaves fixed."""
-    for module in modules:
-        module.requires_grad_(False)
-
-
 def read_torch_file(path, what='checkpoint', error=ValueError):
     """What torch.save wrote to path, loaded as data only (weights_only: tensors and plain
     values, never code). `error` names the file when it is missing or cannot be loaded."""

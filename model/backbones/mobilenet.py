@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from model.backbones.base import Backbone, freeze, load_pretrained
+from model.backbones.base import Backbone, load_pretrained
 
 
 def build(weights=None):
@@ -17,7 +17,7 @@ def build(weights=None):
         weights=None, norm_layer=partial(FrozenBatchNorm2d, eps=0.001))  # torchvision's eps
     if weights is not None:
         load_pretrained(net, weights, 'mobilenet_v3_large', skip=('classifier.',))
-    freeze(net.features[0])
+    net.features[0].requires_grad_(False)  # the stem stays fixed
     classifier = nn.Sequential(nn.Unflatten(1, (112, 14, 14)), net.features[13:],
                                nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (R, 960)
     return Backbone(net.features[:13], classifier, 112, 960, roi_op='align', roi_size=14)

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from model.backbones.base import Backbone, freeze, load_pretrained
+from model.backbones.base import Backbone, load_pretrained
 
 
 def load_resnet(depth, weights=None):
@@ -23,7 +23,8 @@ def load_resnet(depth, weights=None):
                                             zero_init_residual=True)
     if weights is not None:
         load_pretrained(net, weights, name, skip=('fc.',))
-    freeze(net.conv1, net.layer1)
+    net.conv1.requires_grad_(False)  # the stem and conv2 stay fixed
+    net.layer1.requires_grad_(False)
     return net
 
 

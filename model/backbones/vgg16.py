@@ -4,7 +4,7 @@ RoI head's classifier on 7 x 7 RoI max pooling."""
 import torchvision
 from torch import nn
 
-from model.backbones.base import Backbone, freeze, load_pretrained
+from model.backbones.base import Backbone, load_pretrained
 
 N_FROZEN_LAYERS = 10  # conv1_1..conv2_2 with their ReLUs and pools: fixed, as in the paper
 
@@ -19,5 +19,5 @@ def build(weights=None):
     # Dropout is off: the original port found it does not help at this batch size.
     classifier = nn.Sequential(vgg.classifier[0], nn.ReLU(inplace=True),
                                vgg.classifier[3], nn.ReLU(inplace=True))
-    freeze(*list(extractor)[:N_FROZEN_LAYERS])
+    extractor[:N_FROZEN_LAYERS].requires_grad_(False)  # no gradient: training leaves them fixed
     return Backbone(extractor, classifier, 512, 4096)
