@@ -13,15 +13,13 @@ at a barrier: the validation set is small and mAP needs all predictions in one p
 import dataclasses
 import os
 import random
-import sys
 import warnings
 
 import numpy as np
 import torch
 from torch import distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Subset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from data.dataset import TrainDataset, build_bbox_dataset, collate_train, usable_indices
@@ -37,7 +35,7 @@ from utils.vis_tool import Visualizer, bbox_image
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A training step's loss is NaN or infinite (train_step names the step and the losses)."""
 
 
 def make_optimizer(model, name, lr, momentum, weight_decay, double_bias=True):
@@ -48,10 +46,9 @@ def make_optimizer(model, name, lr, momentum, weight_decay, double_bias=True):
     takes about 80 ms instead of 700) where torch has a fused kernel for the parameters' device,
     else with torch's multi-tensor (foreach) kernels.
     """
-    weights, biases = [], []
-    for param_name, p in model.named_parameters():
-        if p.requires_grad:
-            (biases if param_name.endswith('bias') else weights).append(p)
+    trainable = [(param_name, p) for param_name, p in model.named_parameters() if p.requires_grad]
+    weights = [p for param_name, p in trainable if not param_name.endswith('bias')]
+    biases = [p for param_name, p in trainable if param_name.endswith('bias')]
     groups = [{'params': weights, 'weight_decay': weight_decay},
               {'params': biases, 'lr': (1 + double_bias) * lr, 'weight_decay': 0.0}]
     optimizer, options = ((torch.optim.Adam, {}) if name == 'adam' else
@@ -76,9 +73,8 @@ def seed_all(seed):
 def pick_device(name, local_rank=0):
     if name == 'cuda' and not torch.cuda.is_available():
         raise ValueError('--device=cuda but no CUDA device is visible; use --device=cpu or auto')
-    if name == 'cpu' or not torch.cuda.is_available():
-        return torch.device('cpu')
-    return torch.device('cuda', local_rank)
+    use_cuda = name != 'cpu' and torch.cuda.is_available()
+    return torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
 
 
 def build_model(cfg, n_fg_class, load_weights=True):
@@ -124,15 +120,10 @@ def size_limits(cfg):
     return cfg.min_size, cfg.max_size, cfg.rpn_min_size, FEAT_STRIDE
 
 
-def usable(cfg, dataset):
-    """Indices of dataset's images the detector can use (too small or thin ones refused)."""
-    return usable_indices(dataset, *size_limits(cfg), cfg.skip_bad)
-
-
 def usable_test_set(cfg, test):
     """The test split's images the detector can use; a warning counts those skipped (bad
     files with --skip-bad, and sizes the detector cannot use)."""
-    test_set = Subset(test, usable(cfg, test))
+    test_set = Subset(test, usable_indices(test, *size_limits(cfg), cfg.skip_bad))
     skipped = len(getattr(test, 'skipped', ())) + len(test) - len(test_set)
     if skipped:
         warnings.warn(f'{skipped} test images skipped (see above): the test mAP leaves them '
@@ -151,13 +142,12 @@ def run_data(cfg, class_names=None):
     trainval = bbox_dataset(cfg, 'trainval', class_names, check_images=True)
     class_names = tuple(trainval.class_names)
     test = bbox_dataset(cfg, 'test', class_names, check_images=True)
-    kept = usable(cfg, trainval)
+    kept = usable_indices(trainval, *size_limits(cfg), cfg.skip_bad)  # the detector can use
     n_val = cfg.n_val(len(kept))
     order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     val_idx = sorted(kept[k] for k in order[:n_val])  # held out of training, fixed by the seed
     train_idx = sorted(kept[k] for k in order[n_val:])
-    source = {'coco': cfg.coco_json, 'coco2017': cfg.coco_dir}.get(cfg.dataset,
-                                                                   cfg.voc_data_dir)
+    source = {'coco': cfg.coco_json, 'coco2017': cfg.coco_dir}.get(cfg.dataset, cfg.voc_data_dir)
     if not train_idx:
         raise DataError(f'{source or cfg.dataset}: no usable training images '
                         f'(the trainval split has {len(trainval)}, {len(kept)} usable)')
@@ -172,15 +162,13 @@ def run_data(cfg, class_names=None):
                              cfg.normalization, seed=cfg.seed, use_difficult=cfg.use_difficult)
     val_set = Subset(trainval, val_idx) if n_val_objects else None
     test_set = usable_test_set(cfg, test)
-    return train_set, val_set, test_set, class_names, n_val, getattr(trainval, 'category_ids',
-                                                                     None)
+    return train_set, val_set, test_set, class_names, n_val, getattr(trainval, 'category_ids', None)
 
 
 def setup_distributed(cfg):
     """rank, world size and device; torchrun's environment starts a process group."""
     world_size = int(os.environ.get('WORLD_SIZE', 1))
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    device = pick_device(cfg.device, local_rank)
+    device = pick_device(cfg.device, int(os.environ.get('LOCAL_RANK', 0)))
     if world_size > 1 and not dist.is_initialized():
         if device.type == 'cuda':
             torch.cuda.set_device(device)
@@ -198,15 +186,13 @@ def train(cfg, run_dir, state=None):
     model = build_model(cfg, len(class_names), load_weights=state is None).to(device)
     vis = Visualizer(cfg.env, cfg.visdom_server, cfg.visdom_port, enabled=cfg.visdom and main)
     trainer = FasterRCNNTrainer(model, cfg, vis, device, rank, world_size)
-    start_epoch, best_map = 0, -1.0
     if state is not None:
         trainer.load_state_dict(state)
-        start_epoch, best_map = state['epoch'] + 1, state['best_map']
+    start_epoch, best_map = (state['epoch'] + 1, state['best_map']) if state else (0, -1.0)
     if main:
         save_config(cfg.to_dict(), run_dir)
-        print(f'run folder: {run_dir}; {len(train_set)} training images, {cfg.n_val_images} '
-              f'held out for validation, {len(test_set)} test images, classes: '
-              f'{", ".join(class_names)}'
+        print(f'run folder: {run_dir}; {len(train_set)} training images, {cfg.n_val_images} held '
+              f'out for validation, {len(test_set)} test images, classes: {", ".join(class_names)}'
               + (f'; resuming after epoch {start_epoch}' if start_epoch else ''))
     log = RunLog(run_dir / 'metrics.jsonl', main, resume_step=trainer.step)
     checkpoint = {'class_names': list(class_names), 'config': cfg.to_dict(), 'category_ids':
@@ -216,14 +202,14 @@ def train(cfg, run_dir, state=None):
     loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, collate_fn=collate_train,
                         num_workers=cfg.num_workers, pin_memory=device.type == 'cuda')
     for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
+        for seeded in (sampler, train_set, trainer):  # the shuffle, the flips, target sampling
+            seeded.set_epoch(epoch)
         try:
             trainer.train_epoch(loader, epoch, log, class_names)
         except NonFiniteLossError as e:
             kept = (f'{run_dir / "last.pt"} (epoch {epoch}) is kept' if epoch else
                     'no checkpoint had been written yet')
-            sys.exit(f'error: {e}; training stopped, {kept}')
+            raise SystemExit(f'error: {e}; training stopped, {kept}') from e
         if main:
             best_map = trainer.end_epoch(epoch, val_set, best_map, run_dir, log, checkpoint)
         if world_size > 1:
@@ -255,14 +241,14 @@ class FasterRCNNTrainer:
     """
 
     def __init__(self, faster_rcnn, cfg, vis=None, device='cpu', rank=0, world_size=1):
-        device = torch.device(device)
-        self.faster_rcnn, self.cfg, self.vis, self.device = faster_rcnn, cfg, vis, device
-        self.forward = faster_rcnn  # with ground truth, the model returns its losses
-        if world_size > 1:
-            self.forward = nn.parallel.DistributedDataParallel(
-                faster_rcnn, device_ids=[device.index] if device.type == 'cuda' else None)
-        self.seed, self.rank, self.world_size = cfg.seed, rank, world_size
-        self.optimizer = make_optimizer(faster_rcnn, cfg.optimizer, self.base_lr(), cfg.momentum,
+        self.faster_rcnn, self.cfg, self.vis, self.rank = faster_rcnn, cfg, vis, rank
+        self.device = device = torch.device(device)
+        # with ground truth, the model returns its losses
+        self.forward = faster_rcnn if world_size == 1 else nn.parallel.DistributedDataParallel(
+            faster_rcnn, device_ids=[device.index] if device.type == 'cuda' else None)
+        # the weights' lr before any decay: --lr, times the total batch with linear scaling
+        lr = cfg.lr * (cfg.batch_size * world_size if cfg.lr_scaling == 'linear' else 1)
+        self.optimizer = make_optimizer(faster_rcnn, cfg.optimizer, lr, cfg.momentum,
                                         cfg.weight_decay, cfg.double_bias)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, list(cfg.lr_milestones), cfg.lr_decay)
@@ -275,12 +261,7 @@ class FasterRCNNTrainer:
 
     def set_epoch(self, epoch):
         """Reseeds target sampling from (seed, rank, epoch): a resumed run samples the same."""
-        self.generator.manual_seed(self.seed * 1_000_003 + self.rank * 10_007 + epoch)
-
-    def base_lr(self):
-        """The weights' lr before any decay: --lr, times the total batch with linear scaling."""
-        scale = self.cfg.batch_size * self.world_size if self.cfg.lr_scaling == 'linear' else 1
-        return self.cfg.lr * scale
+        self.generator.manual_seed(self.cfg.seed * 1_000_003 + self.rank * 10_007 + epoch)
 
     def pop_means(self):
         """Running means of the losses since the last call (the one host sync of logging)."""
@@ -296,24 +277,21 @@ class FasterRCNNTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         with mixed_precision(self.device, self.cfg.amp):
             losses = self.forward(images, sizes, scales, bboxes, labels, self.generator)
-        total = losses['total_loss']
-        if not torch.isfinite(total):
+        if not torch.isfinite(losses['total_loss']):
             values = ', '.join(f'{k}={float(losses[k].detach()):.4g}' for k in LOSS_NAMES)
             raise NonFiniteLossError(f'non-finite loss at step {self.step + 1}: {values}')
-        self.scaler.scale(total).backward()
+        self.scaler.scale(losses['total_loss']).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
-        for k in self.meter_sums:
-            self.meter_sums[k] = self.meter_sums[k] + losses[k].detach()
+        self.meter_sums = {k: v + losses[k].detach() for k, v in self.meter_sums.items()}
         self.meter_count += 1
         return losses
 
     def train_epoch(self, loader, epoch, log, class_names):
-        """One pass over the training images; every plot_every steps, the running means of the
-        losses are logged and plotted (rank 0)."""
+        """One pass over the training images (call set_epoch first); every plot_every steps, the
+        running means of the losses are logged and plotted (rank 0)."""
         cfg, main = self.cfg, self.rank == 0
-        self.set_epoch(epoch)
         bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.epochs}', disable=not main or None)
         for batch in bar:
             self.train_step(batch)
@@ -329,7 +307,7 @@ class FasterRCNNTrainer:
         """Scores the held-out images, writes last.pt and, if this epoch is the best so far,
         best.pt. Returns the best validation mAP. The best epoch is chosen on images held out
         of training, never on the test set; without them, the last epoch is the best."""
-        val_map = None
+        is_best = val_set is None  # then the last epoch is the best
         if val_set is not None:
             cfg = self.cfg
             val_map = evaluate(self.faster_rcnn, val_set, cfg.batch_size, metric=cfg.metric,
@@ -337,8 +315,7 @@ class FasterRCNNTrainer:
             log.write(step=self.step, epoch=epoch, split='val', map=val_map)
             self.vis.plot('val_map', val_map, epoch + 1)
             print(f'epoch {epoch + 1}: validation mAP {val_map:.4f}')
-        is_best = val_map is None or val_map > best_map
-        best_map = val_map if is_best and val_map is not None else best_map
+            is_best, best_map = val_map > best_map, max(best_map, val_map)
         state = {**self.state_dict(), **checkpoint, 'epoch': epoch, 'best_map': best_map}
         save_checkpoint(state, run_dir / 'last.pt')
         if is_best:
@@ -352,13 +329,11 @@ class FasterRCNNTrainer:
         for name, mean in means.items():
             self.vis.plot(name, mean, self.step)
         h, w = batch['sizes'][0].tolist()
-        model = self.faster_rcnn
-        image = denormalize(batch['images'][0][:, :h, :w], model.transform.normalization)
-        self.vis.img('ground truth', bbox_image(image, batch['bboxes'][0], batch['labels'][0],
-                                                None, class_names))
-        bboxes, labels, scores = model.predict([image], preset='visualize')
-        self.vis.img('prediction', bbox_image(image, bboxes[0].cpu(), labels[0].cpu(),
-                                              scores[0].cpu(), class_names))
+        image = denormalize(batch['images'][0][:, :h, :w], self.faster_rcnn.transform.normalization)
+        truth = batch['bboxes'][0], batch['labels'][0], None
+        predicted = [out[0].cpu() for out in self.faster_rcnn.predict([image], preset='visualize')]
+        for name, (bbox, label, score) in (('ground truth', truth), ('prediction', predicted)):
+            self.vis.img(name, bbox_image(image, bbox, label, score, class_names))
 
     def state_dict(self):
         return {'model': self.faster_rcnn.state_dict(), 'optimizer': self.optimizer.state_dict(),
@@ -371,13 +346,12 @@ class FasterRCNNTrainer:
         options given with --resume take effect: the lr schedule is replayed from them, which
         gives back bit-identical lrs where they did not change."""
         self.faster_rcnn.load_state_dict(state['model'])
-        options = [{k: v for k, v in group.items() if k != 'params'}
-                   for group in self.optimizer.param_groups]
+        options = [dict(group) for group in self.optimizer.param_groups]  # the Config's
         self.optimizer.load_state_dict(state['optimizer'])
         for group, own in zip(self.optimizer.param_groups, options, strict=True):
             group.update(own)
-        with warnings.catch_warnings():  # steps of the schedule with no optimizer step between
-            warnings.simplefilter('ignore', UserWarning)
+        # steps of the schedule with no optimizer step between them: torch warns
+        with warnings.catch_warnings(action='ignore', category=UserWarning):
             for _ in range(state['scheduler']['last_epoch']):
                 self.scheduler.step()
         if state['scaler'] and self.scaler.is_enabled():  # empty when saved without float16
