@@ -53,8 +53,9 @@ class FeaturePyramid(nn.Module):
         for level in range(len(merged) - 2, -1, -1):  # C4, C3, C2
             merged[level] = merged[level] + F.interpolate(
                 merged[level + 1], size=merged[level].shape[-2:], mode='nearest')
-        # P2..P5, each sum smoothed by its 3x3 conv
-        pyramid = [conv(summed) for conv, summed in zip(self.output, merged, strict=True)]
+        pyramid = []  # P2..P5, each sum smoothed by its 3x3 conv
+        for level, conv in enumerate(self.output):  # a loop: TorchScript zips no ModuleList
+            pyramid.append(conv(merged[level]))
         pyramid.append(F.max_pool2d(pyramid[-1], kernel_size=1, stride=2))  # P6
         return pyramid
 
